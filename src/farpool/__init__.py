@@ -1,0 +1,39 @@
+"""farpool: concurrent.futures executors that run beyond one interpreter.
+
+``farpool.Executor(address)`` runs tasks on local processes or threads, on farpool
+worker daemons, or on Dask or Ray, picked by ``address`` or ``FARPOOL_ADDRESS``.
+``ProcessPoolExecutor`` and ``ThreadPoolExecutor`` are drop-ins for the stdlib's.
+"""
+
+from __future__ import annotations
+
+from .client import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from .errors import (
+    BackendUnavailable,
+    FarpoolError,
+    ProcessPoolBroken,
+    ProtocolError,
+    SchedulerLost,
+    SecurityError,
+    ThreadPoolBroken,
+    VersionMismatch,
+    WorkerLost,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "Executor",
+    "FarpoolError",
+    "ProcessPoolBroken",
+    "ProcessPoolExecutor",
+    "ProtocolError",
+    "SchedulerLost",
+    "SecurityError",
+    "ThreadPoolBroken",
+    "ThreadPoolExecutor",
+    "VersionMismatch",
+    "WorkerLost",
+    "__version__",
+]

@@ -1,0 +1,28 @@
+"""The interface every backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import BrokenExecutor, Future
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    """What ``farpool.Executor`` needs from a way of running tasks.
+
+    ``broken`` is None while the backend can take work, else the error that broke it;
+    ``broken_type`` is the exception type ``submit`` raises once broken.
+    """
+
+    broken: BaseException | None
+    broken_type: type[BrokenExecutor]
+    #: True when map(chunksize>1) should batch calls into one task (not for threads).
+    chunks: bool
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Future: ...
+
+    def submit_many(self, fn: Callable[..., Any],
+                    calls: Iterable[tuple[Any, ...]]) -> list[Future]: ...
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...

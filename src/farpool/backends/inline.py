@@ -1,0 +1,66 @@
+"""``inline``: each task runs in the caller at submit time, still through the pickle
+round trip, so what works here works on a real pool. For debugging with pdb."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+from .. import serialize
+from ..errors import ProcessPoolBroken
+from ..worker import run_initializer
+
+
+class InlineBackend:
+    broken_type = ProcessPoolBroken
+    chunks = False
+
+    def __init__(self, address: str, *, max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None,
+                 initargs: tuple[Any, ...] = ()) -> None:
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self.broken: BaseException | None = None
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._initialized = False
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Future:
+        if self.broken is not None:
+            raise self.broken_type(str(self.broken))
+        future: Future = Future()
+        if not self._initialized:
+            self._initialized = True
+            if run_initializer(self._initializer, self._initargs) is not None:
+                self.broken = self.broken_type(
+                    "A process initializer failed, the process pool is not usable anymore")
+                raise self.broken_type(str(self.broken))
+        try:
+            call = serialize.loads(serialize.dumps((fn, args, kwargs)))
+        except BaseException as exc:  # noqa: BLE001 - as a pool: the future fails
+            future.set_exception(exc)
+            return future
+        future.set_running_or_notify_cancel()
+        fn, args, kwargs = call
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001
+            try:
+                future.set_exception(serialize.load_exception(serialize.dump_exception(exc)))
+            except BaseException as err:  # noqa: BLE001 - the error did not unpickle
+                future.set_exception(err)
+            return future
+        try:
+            future.set_result(serialize.loads(serialize.dumps(result)))
+        except BaseException as exc:  # noqa: BLE001 - an unpicklable result
+            future.set_exception(exc)
+        return future
+
+    def submit_many(self, fn: Callable[..., Any],
+                    calls: Iterable[tuple[Any, ...]]) -> list[Future]:
+        return [self.submit(fn, args, {}) for args in calls]
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        pass

@@ -1,0 +1,202 @@
+"""``farpool.Executor`` and the stdlib drop-ins built on it.
+
+The executor owns the public contract (shutdown state, ``map`` ordering, laziness,
+timeouts and ``buffersize``, chunking); a backend picked by address runs the tasks::
+
+    Executor.submit/map --> backend.submit/submit_many --> Future
+          |                         |
+          |                         +-- processes, threads: farpool.pool (ZeroMQ I/O thread)
+          |                         +-- tcp://, ipc://: a farpool scheduler daemon
+          |                         +-- dask, ray: the engine's own client
+          +-- shutdown(wait, cancel_futures) --> backend.shutdown
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .backends import open_backend
+
+__all__ = ["Executor", "ProcessPoolExecutor", "ThreadPoolExecutor", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "processes"
+T = TypeVar("T")
+
+
+def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
+    """Runs in a worker: one task for a whole chunk of a map."""
+    return [fn(*args) for args in chunk]
+
+
+def _result_or_cancel(future: Future, timeout: float | None = None) -> Any:
+    try:
+        return future.result(timeout)
+    finally:
+        future.cancel()
+
+
+class Executor(concurrent.futures.Executor):
+    """An executor whose workers are wherever ``address`` says.
+
+    ``address`` is a backend name or URL (``"processes"``, ``"threads"``, ``"inline"``,
+    ``"tcp://host:port"``, ``"dask"``, ``"ray://head:10001"``...). When it is None, the
+    ``FARPOOL_ADDRESS`` environment variable is used, and when that is unset,
+    ``"processes"``. Extra keyword ``options`` go to the backend (for example
+    ``max_tasks_per_child`` or ``retries``).
+    """
+
+    def __init__(self, address: str | None = None, *, max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
+                 **options: Any) -> None:
+        if address is None:
+            address = os.environ.get("FARPOOL_ADDRESS") or DEFAULT_ADDRESS
+        self.address = address
+        self._shutdown = False
+        self._shutdown_lock = threading.Lock()
+        self._backend = open_backend(address, max_workers=max_workers, initializer=initializer,
+                                     initargs=tuple(initargs), **options)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "running"
+        return f"<{type(self).__name__} {self.address!r} {state}>"
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        broken = self._backend.broken
+        if broken is not None:
+            raise self._backend.broken_type(str(broken))
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``."""
+        if not callable(fn):
+            raise TypeError(f"{type(fn).__name__!r} object is not callable")
+        with self._shutdown_lock:
+            self._check_open()
+            return self._backend.submit(fn, args, kwargs)
+
+    def _submit_many(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Future]:
+        with self._shutdown_lock:
+            self._check_open()
+            return self._backend.submit_many(fn, calls)
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[T]:
+        """Like ``concurrent.futures.Executor.map``: results in input order.
+
+        ``chunksize`` > 1 sends that many calls as one task (not for threads, like the
+        stdlib). ``buffersize`` keeps at most that many tasks in flight, so endless
+        inputs work; without it, every task is submitted before this returns.
+        """
+        if buffersize is not None:
+            if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError("chunksize must be an integer")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if not callable(fn):
+            raise TypeError(f"{type(fn).__name__!r} object is not callable")
+        end_time = None if timeout is None else timeout + time.monotonic()
+
+        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+        chunked = chunksize > 1 and self._backend.chunks
+        if chunked:
+            calls = ((fn, chunk) for chunk in _batched(calls, chunksize))
+            task_fn: Callable[..., Any] = _run_chunk
+        else:
+            task_fn = fn
+
+        futures: deque[Future] = deque()
+        if buffersize is None:
+            # Submit in slices so the function is pickled once per slice, not per call.
+            for part in _batched(calls, 1024):
+                futures.extend(self._submit_many(task_fn, part))
+        else:
+            futures.extend(self._submit_many(task_fn, list(itertools.islice(calls, buffersize))))
+
+        results = self._results(futures, end_time, task_fn, calls, buffersize)
+        if chunked:
+            return itertools.chain.from_iterable(results)
+        return results
+
+    def _results(self, futures: deque[Future], end_time: float | None, task_fn: Any,
+                 calls: Iterator[tuple[Any, ...]], buffersize: int | None) -> Iterator[Any]:
+        # Holding self only while iterating lets an abandoned executor be collected.
+        try:
+            while futures:
+                future = futures.popleft()
+                if buffersize is not None:
+                    more = list(itertools.islice(calls, 1))
+                    if more and not self._shutdown:
+                        futures.extend(self._submit_many(task_fn, more))
+                if end_time is None:
+                    yield _result_or_cancel(future)
+                else:
+                    yield _result_or_cancel(future, end_time - time.monotonic())
+                del future
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks; with ``wait``, return once every pending task is done.
+
+        ``cancel_futures`` cancels the tasks that have not started. Calling it again
+        is harmless.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._backend.shutdown(wait, cancel_futures)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the backend, where it keeps them (workers, queued, running)."""
+        stats = getattr(self._backend, "stats", None)
+        return stats() if stats else {}
+
+
+def _batched(iterable: Iterable[T], n: int) -> Iterator[list[T]]:
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+class ProcessPoolExecutor(Executor):
+    """``concurrent.futures.ProcessPoolExecutor``, on farpool's local worker processes.
+
+    Same signature and behaviour, plus: lambdas and closures work (cloudpickle), and a
+    worker that crashes fails only its own task with ``farpool.WorkerLost`` (a
+    ``BrokenProcessPool``) instead of breaking the pool. ``mp_context`` is accepted
+    and ignored: workers are always fresh interpreters.
+    """
+
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+                 initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
+                 *, max_tasks_per_child: int | None = None) -> None:
+        super().__init__("processes", max_workers=max_workers, initializer=initializer,
+                         initargs=initargs, max_tasks_per_child=max_tasks_per_child,
+                         mp_context=mp_context)
+
+
+class ThreadPoolExecutor(Executor):
+    """``concurrent.futures.ThreadPoolExecutor``, on farpool's ZeroMQ-fed threads.
+
+    Tasks are passed by reference and never pickled, so locks, open files and
+    generators work as arguments, as with the stdlib.
+    """
+
+    def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "",
+                 initializer: Callable[..., Any] | None = None,
+                 initargs: Iterable[Any] = ()) -> None:
+        super().__init__("threads", max_workers=max_workers, initializer=initializer,
+                         initargs=initargs, thread_name_prefix=thread_name_prefix)

@@ -1,0 +1,179 @@
+"""Scheduling decisions with no sockets: which task goes to which worker, and what a
+lost worker means. The I/O loops (client, scheduler daemon, worker supervisor) feed
+it events and send what it decides.
+
+Credit: a worker may hold ``slots + prefetch`` tasks. Prefetch is zero until tasks
+have been timed, then about ``PREFETCH_WINDOW`` seconds of work, so short tasks
+stream without a round trip each, while a slow task never has others queued behind
+it on a busy worker when another worker is idle.
+
+Fairness: each client has its own queue, and dispatch takes from them in turn, so a
+client's 100,000-task map does not starve another client's single task.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# Seconds of queued work a worker may hold beyond its running slots.
+PREFETCH_WINDOW = 0.002
+MAX_PREFETCH = 256
+# Tasks longer than this get no prefetch at all.
+NO_PREFETCH_ABOVE = 0.005
+_EMA_WEIGHT = 0.2
+
+
+@dataclass(eq=False)
+class Task:
+    """One task in flight. ``frames`` are opaque payload frames."""
+
+    task_id: int
+    fn_key: bytes
+    fn_blob: Any
+    frames: list[Any]
+    client: Hashable = b""
+    label: str = ""
+    attempts: int = 0
+    # Opaque for the dispatcher; the I/O loop keeps what it needs here.
+    context: Any = None
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """What the dispatcher knows of one worker."""
+
+    worker_id: Hashable
+    slots: int
+    tasks_left: int | None = None  # max_tasks_per_child budget, None for unlimited
+    # Tasks sent and not yet answered, in the order the worker runs them.
+    held: OrderedDict[int, Task] = field(default_factory=OrderedDict)
+    retiring: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def credit(self, prefetch: int) -> int:
+        if self.retiring:
+            return 0
+        room = self.slots + prefetch - len(self.held)
+        if self.tasks_left is not None:
+            room = min(room, self.tasks_left)
+        return max(room, 0)
+
+
+class Dispatcher:
+    """Queues per client, workers with credit, and the tasks each worker holds."""
+
+    def __init__(self) -> None:
+        self.queues: OrderedDict[Hashable, deque[Task]] = OrderedDict()
+        self.workers: OrderedDict[Hashable, WorkerSlot] = OrderedDict()
+        self.task_seconds: float | None = None  # moving average of task run time
+        self.queued = 0
+        self.done = 0
+
+    # -- tasks ---------------------------------------------------------------------
+    def submit(self, task: Task, *, front: bool = False) -> None:
+        queue = self.queues.get(task.client)
+        if queue is None:
+            queue = self.queues[task.client] = deque()
+        if front:
+            queue.appendleft(task)
+        else:
+            queue.append(task)
+        self.queued += 1
+
+    def cancel(self, client: Hashable, task_ids: set[int]) -> list[Task]:
+        """Drop queued tasks (not ones a worker holds); returns those dropped."""
+        queue = self.queues.get(client)
+        if not queue:
+            return []
+        kept, dropped = deque(), []
+        for task in queue:
+            (dropped if task.task_id in task_ids else kept).append(task)
+        self.queues[client] = kept
+        self.queued -= len(dropped)
+        return dropped
+
+    def drop_client(self, client: Hashable) -> list[Task]:
+        """Forget a client's queued tasks (the client went away)."""
+        queue = self.queues.pop(client, deque())
+        self.queued -= len(queue)
+        return list(queue)
+
+    def finished(self, worker_id: Hashable, task_id: int, seconds: float) -> Task | None:
+        """A worker answered a task. Returns it, or None if the worker did not hold it."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return None
+        task = worker.held.pop(task_id, None)
+        if task is None:
+            return None
+        self.done += 1
+        ema = self.task_seconds
+        self.task_seconds = seconds if ema is None else ema + _EMA_WEIGHT * (seconds - ema)
+        return task
+
+    # -- workers -------------------------------------------------------------------
+    def add_worker(self, worker_id: Hashable, slots: int = 1, *, max_tasks: int | None = None,
+                   info: dict[str, Any] | None = None) -> WorkerSlot:
+        slot = WorkerSlot(worker_id, max(1, slots), max_tasks, info=info or {})
+        self.workers[worker_id] = slot
+        return slot
+
+    def remove_worker(self, worker_id: Hashable) -> list[Task]:
+        """Forget a worker; returns the tasks it held, oldest first."""
+        worker = self.workers.pop(worker_id, None)
+        return list(worker.held.values()) if worker else []
+
+    def prefetch(self) -> int:
+        ema = self.task_seconds
+        if ema is None or ema > NO_PREFETCH_ABOVE:
+            return 0
+        return min(MAX_PREFETCH, int(PREFETCH_WINDOW / max(ema, 1e-7)))
+
+    def assign(self) -> Iterator[tuple[WorkerSlot, list[Task]]]:
+        """Hand queued tasks to workers with credit; yields one batch per worker."""
+        if not self.queued or not self.workers:
+            return
+        prefetch = self.prefetch()
+        for worker in list(self.workers.values()):
+            room = worker.credit(prefetch)
+            if not room:
+                continue
+            batch = self._take(room)
+            if not batch:
+                return
+            for task in batch:
+                worker.held[task.task_id] = task
+            if worker.tasks_left is not None:
+                worker.tasks_left -= len(batch)
+            yield worker, batch
+            if not self.queued:
+                return
+
+    def _take(self, count: int) -> list[Task]:
+        """Up to ``count`` tasks, one client at a time in turn."""
+        batch: list[Task] = []
+        queues = self.queues
+        while len(batch) < count and self.queued:
+            client, queue = next(iter(queues.items()))
+            queues.move_to_end(client)
+            if not queue:
+                del queues[client]
+                continue
+            # Take a fair share from this client before moving to the next one.
+            share = max(1, (count - len(batch)) // max(1, len(queues)))
+            taken = min(share, len(queue))
+            for _ in range(taken):
+                batch.append(queue.popleft())
+            self.queued -= taken
+            if not queue:
+                del queues[client]
+        return batch
+
+    def idle(self) -> bool:
+        return not self.queued and all(not w.held for w in self.workers.values())
+
+    def in_flight(self) -> int:
+        return sum(len(w.held) for w in self.workers.values())

@@ -1,0 +1,88 @@
+"""farpool's exceptions, in one tree.
+
+Where a stdlib executor would raise the same thing, farpool's type derives from the
+stdlib's, so ``except BrokenExecutor`` (or ``BrokenProcessPool``) keeps working::
+
+    Exception
+     └── FarpoolError                       every error farpool raises itself
+          ├── WorkerLost                    (+ BrokenProcessPool) a worker died under a task
+          ├── ProcessPoolBroken             (+ BrokenProcessPool) the pool cannot run tasks
+          ├── ThreadPoolBroken              (+ BrokenThreadPool)  the pool cannot run tasks
+          ├── SchedulerLost                 (+ BrokenExecutor) the scheduler went away
+          ├── BackendUnavailable            (+ ImportError) an optional engine is missing
+          ├── ProtocolError                 a frame off the wire is malformed
+          │    └── VersionMismatch          the peer runs incompatible versions
+          └── SecurityError                 keys missing, unsafe or refused
+
+Errors raised *by a task* are never wrapped: they reach ``future.result()`` as
+themselves, with the remote traceback as their ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.thread import BrokenThreadPool
+
+__all__ = [
+    "BackendUnavailable",
+    "FarpoolError",
+    "ProcessPoolBroken",
+    "ProtocolError",
+    "RemoteTraceback",
+    "SchedulerLost",
+    "SecurityError",
+    "ThreadPoolBroken",
+    "VersionMismatch",
+    "WorkerLost",
+]
+
+
+class FarpoolError(Exception):
+    """Root of the exceptions farpool raises itself."""
+
+
+class WorkerLost(FarpoolError, BrokenProcessPool):
+    """A worker died (crash, signal, lost host) while it held this task.
+
+    Only the task that was running fails; the pool replaces the worker and goes on.
+    """
+
+
+class ProcessPoolBroken(FarpoolError, BrokenProcessPool):
+    """The pool can no longer run tasks (for example, a worker initializer failed)."""
+
+
+class ThreadPoolBroken(FarpoolError, BrokenThreadPool):
+    """A thread pool can no longer run tasks (for example, an initializer failed)."""
+
+
+class SchedulerLost(FarpoolError, BrokenExecutor):
+    """The scheduler of a remote backend stopped answering."""
+
+
+class BackendUnavailable(FarpoolError, ImportError):
+    """The engine behind a backend (Dask, Ray) is not installed."""
+
+
+class ProtocolError(FarpoolError):
+    """A message off the wire is malformed, truncated or of an unknown kind."""
+
+
+class VersionMismatch(ProtocolError):
+    """A peer's farpool, Python or cloudpickle version cannot read our payloads."""
+
+
+class SecurityError(FarpoolError):
+    """Keys are missing, have unsafe permissions, or a peer was refused."""
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback; set as ``__cause__`` of a task's error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

@@ -1,0 +1,581 @@
+"""A local pool: worker processes or threads fed by one I/O thread over ZeroMQ.
+
+Data flow::
+
+    caller threads                 I/O thread (owns every socket)          workers
+    --------------                 ------------------------------          -------
+    submit(): pickle args  --+
+      (processes only)       |     inbox --> Dispatcher (credit, order)
+    append to inbox, wake ---+-->          |
+                                           v   TASKS batch (fn once/worker)
+                                   ROUTER ---------------------------->  DEALER
+                                   ROUTER <----------------------------  WorkerLoop
+    future.result() <-- set_result     RESULTS batch
+                                   control socket EOF  <--------------  process died
+
+Processes use ``ipc://`` in a private (0700) directory; thread workers use
+``inproc://`` and get their calls by reference, completing futures themselves.
+
+The I/O thread holds no reference to the executor: an executor that is dropped
+without ``shutdown`` is shut down (without waiting) by a finalizer, and an exit hook
+lets queued work finish before the interpreter exits, as the stdlib does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from . import protocol, serialize
+from .dispatch import Dispatcher, Task, WorkerSlot
+from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost
+from .protocol import Kind, Status
+from .supervisor import WorkerProcess, describe_exit, spawn_worker
+from .worker import SharedCalls, WorkerLoop, hello, run_initializer
+
+# Consecutive workers dying before their first HELLO that break the pool (a broken
+# environment would otherwise respawn forever).
+MAX_START_FAILURES = 3
+STOP_GRACE_SECONDS = 5.0
+
+_live_pools: weakref.WeakSet[_PoolIO] = weakref.WeakSet()
+_exiting = False
+
+
+def _at_exit() -> None:
+    """Let every pool finish its queued work, then stop its workers."""
+    global _exiting
+    _exiting = True
+    for io in list(_live_pools):
+        io.request_close(cancel=False)
+    for io in list(_live_pools):
+        io.join(STOP_GRACE_SECONDS * 4)
+
+
+_hook_lock = threading.Lock()
+_hook_installed = False
+
+
+def _install_exit_hook() -> None:
+    global _hook_installed
+    with _hook_lock:
+        if _hook_installed:
+            return
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(_at_exit)  # runs before threading joins non-daemon threads
+        else:  # pragma: no cover
+            import atexit
+
+            atexit.register(_at_exit)
+        _hook_installed = True
+
+
+def _label(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+class LocalPool:
+    """The backend for ``processes`` and ``threads``. Caller-side half: the I/O loop
+    lives in ``_PoolIO``."""
+
+    def __init__(self, *, processes: bool, max_workers: int, initializer: Callable[..., Any] | None,
+                 initargs: tuple[Any, ...], max_tasks_per_child: int | None = None,
+                 thread_name_prefix: str = "", retries: int = 0) -> None:
+        if _exiting:
+            raise RuntimeError("cannot start a pool after interpreter shutdown")
+        self.processes = processes
+        self.chunks = processes  # map(chunksize>1) batches; threads ignore it like the stdlib
+        self.broken_type = ProcessPoolBroken if processes else ThreadPoolBroken
+        self._ids = itertools.count(1)
+        self._pickle_fn = serialize.FunctionPickler()
+        self._pickle_lock = threading.Lock()
+        self._io = _PoolIO(processes=processes, max_workers=max_workers, initializer=initializer,
+                           initargs=initargs, max_tasks=max_tasks_per_child,
+                           thread_name_prefix=thread_name_prefix, retries=retries)
+        _install_exit_hook()
+        self._io.start()
+        self._finalizer = weakref.finalize(self, _PoolIO.request_close, self._io, False)
+
+    # -- caller side ---------------------------------------------------------------
+    @property
+    def broken(self) -> BaseException | None:
+        return self._io.broken
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+        future: Future = Future()
+        task = self._make_task(fn, args, kwargs, future, None)
+        if task is not None:
+            self._io.post([task])
+        return future
+
+    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
+        """Submit ``fn(*args)`` for each args; the function is pickled once."""
+        fn_pickle = None
+        if self.processes:
+            try:
+                with self._pickle_lock:
+                    fn_pickle = self._pickle_fn(fn)
+            except BaseException as exc:  # noqa: BLE001
+                fn_pickle = exc
+        futures, tasks = [], []
+        for args in calls:
+            future: Future = Future()
+            task = self._make_task(fn, args, {}, future, fn_pickle)
+            futures.append(future)
+            if task is not None:
+                tasks.append(task)
+        if tasks:
+            self._io.post(tasks)
+        return futures
+
+    def _make_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
+                   fn_pickle: Any) -> Task | None:
+        broken = self._io.broken
+        if broken is not None:
+            raise self.broken_type(str(broken))
+        task_id = next(self._ids)
+        if not self.processes:
+            return Task(task_id, b"-", None, [], label=_label(fn), context=(future, (fn, args, kwargs)))
+        try:
+            if fn_pickle is None:
+                with self._pickle_lock:
+                    fn_pickle = self._pickle_fn(fn)
+            elif isinstance(fn_pickle, BaseException):
+                raise fn_pickle
+            key, blob = fn_pickle
+            frames = serialize.dumps_args(args, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
+            future.set_exception(exc)
+            return None
+        return Task(task_id, key, blob, frames, label=_label(fn), context=(future, None))
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        self._io.request_close(cancel_futures)
+        if wait:
+            self._io.join()
+
+    def stats(self) -> dict[str, Any]:
+        return self._io.stats()
+
+
+class _PoolIO:
+    """The I/O thread's state. Only the I/O thread touches sockets and the
+    dispatcher; callers reach it through ``inbox`` plus a wake-up pipe."""
+
+    def __init__(self, *, processes: bool, max_workers: int, initializer: Any,
+                 initargs: tuple[Any, ...], max_tasks: int | None, thread_name_prefix: str,
+                 retries: int) -> None:
+        self.processes = processes
+        self.max_workers = max_workers
+        self.initializer = initializer
+        self.initargs = initargs
+        self.max_tasks = max_tasks
+        self.thread_name_prefix = thread_name_prefix or f"FarpoolThread-{id(self):x}"
+        self.retries = retries
+        self.broken_type = ProcessPoolBroken if processes else ThreadPoolBroken
+        self.broken: BaseException | None = None
+
+        self.inbox: deque[Task] = deque()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.wake_pending = False
+        self.closing = False
+        self.cancel_pending = False
+
+        self.dispatcher = Dispatcher()
+        self.sent_fns: dict[bytes, serialize.SentFunctions] = {}
+        self.procs: dict[bytes, WorkerProcess] = {}
+        self.threads: dict[bytes, threading.Thread] = {}
+        self.starting = 0  # workers spawned that have not said HELLO yet
+        self.start_failures = 0
+        self.worker_ids = itertools.count()
+        self.shared_calls: dict[int, Any] = {}
+        self.stop_threads = threading.Event()
+
+        self.runtime_dir = tempfile.mkdtemp(prefix="farpool-") if processes else None
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.router_mandatory = True
+        if processes:
+            self.address = f"ipc://{self.runtime_dir}/pool"
+        else:
+            self.address = f"inproc://farpool-{id(self):x}"
+        self.router.bind(self.address)
+        self.init_blob = cloudpickle.dumps((initializer, initargs)) if processes else None
+        self.thread = threading.Thread(target=self.run, name="farpool-io", daemon=True)
+        self.started = threading.Event()
+
+    # -- caller side ---------------------------------------------------------------
+    def start(self) -> None:
+        _live_pools.add(self)
+        self.thread.start()
+        if not self.started.wait(30):  # pragma: no cover - a stuck start is a bug
+            raise RuntimeError("farpool I/O thread did not start")
+
+    def post(self, tasks: list[Task]) -> None:
+        if self.closing:
+            for task in tasks:
+                task.context[0].cancel()
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        self.inbox.extend(tasks)
+        self.wake()
+
+    def wake(self) -> None:
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:  # closed: the I/O thread has finished
+                pass
+
+    def request_close(self, cancel: bool) -> None:
+        if cancel:
+            self.cancel_pending = True
+        self.closing = True
+        self.wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        if threading.current_thread() is self.thread or not self.thread.is_alive():
+            return
+        self.thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        d = self.dispatcher
+        return {"workers": len(d.workers), "queued": d.queued, "running": d.in_flight(),
+                "done": d.done}
+
+    # -- I/O thread ----------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.poller = zmq.Poller()
+            self.poller.register(self.router, zmq.POLLIN)
+            self.poller.register(self.wake_r, zmq.POLLIN)
+            if self.processes:
+                for _ in range(self.max_workers):
+                    self.spawn()
+            self.started.set()
+            self.loop()
+        except BaseException as exc:  # noqa: BLE001 - never leave futures hanging
+            traceback.print_exc()
+            self.break_pool(f"the farpool I/O thread failed: {exc!r}")
+        finally:
+            self.started.set()
+            self.cleanup()
+
+    def loop(self) -> None:
+        router = self.router
+        while True:
+            timeout = 100 if self.closing else None
+            events = self.poller.poll(timeout)
+            for what, _ in events:
+                if what is router or what == self.wake_r:
+                    continue
+                self.on_death(what)
+            self.take_inbox()
+            self.receive()
+            if self.broken is None:
+                self.dispatch()
+            if self.closing and self.finished():
+                return
+
+    def take_inbox(self) -> None:
+        self.wake_pending = False
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        inbox = self.inbox
+        submit = self.dispatcher.submit
+        while inbox:
+            task = inbox.popleft()
+            if self.broken is not None:
+                self.fail(task, self.broken_type(str(self.broken)))
+            else:
+                submit(task)
+        if self.cancel_pending:
+            self.cancel_queued()
+
+    def cancel_queued(self) -> None:
+        for client in list(self.dispatcher.queues):
+            for task in self.dispatcher.drop_client(client):
+                task.context[0].cancel()
+
+    def finished(self) -> bool:
+        if self.broken is not None:
+            return True
+        return not self.inbox and self.dispatcher.idle()
+
+    def receive(self) -> None:
+        router = self.router
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker_id = frames[0].bytes
+            try:
+                msg = protocol.decode(frames[1:])
+            except protocol.ProtocolError as exc:
+                print(f"farpool: dropped a malformed message from a worker: {exc}", file=sys.stderr)
+                continue
+            handler = self.handlers.get(msg.kind)
+            if handler is not None:
+                handler(self, worker_id, msg)
+
+    def on_hello(self, worker_id: bytes, msg: protocol.Message) -> None:
+        info = msg.body[0]
+        proc = self.procs.get(worker_id)
+        if self.processes and proc is None:
+            return  # not a worker we started
+        if proc is not None:
+            proc.said_hello = True
+        self.starting -= 1
+        self.start_failures = 0
+        self.dispatcher.add_worker(worker_id, int(info.get("slots", 1)), max_tasks=self.max_tasks,
+                                   info=info)
+        self.sent_fns[worker_id] = serialize.SentFunctions()
+
+    def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
+        frames = msg.frames
+        finished = self.dispatcher.finished
+        pos = 0
+        for entry in msg.body[0]:
+            payload = frames[pos : pos + entry.nframes]
+            pos += entry.nframes
+            task = finished(worker_id, entry.task_id, entry.duration)
+            if task is None:
+                continue
+            future = task.context[0]
+            if not self.processes:
+                continue  # the thread worker completed the future itself
+            try:
+                if entry.status == Status.OK:
+                    future.set_result(serialize.loads(payload))
+                else:
+                    future.set_exception(serialize.load_exception(payload))
+            except BaseException as exc:  # noqa: BLE001 - unpicklable result or error
+                if not future.done():
+                    future.set_exception(exc)
+
+    def on_bye(self, worker_id: bytes, msg: protocol.Message) -> None:
+        reason = msg.body[0]
+        proc = self.procs.get(worker_id)
+        if proc is not None:
+            proc.said_bye = reason
+        if reason.startswith("initializer failed"):
+            kind = "process" if self.processes else "thread"
+            self.break_pool(f"A {kind} initializer failed, the {kind} pool is not usable anymore")
+            return
+        # A retiring worker answered everything before its BYE.
+        for task in self.dispatcher.remove_worker(worker_id):
+            self.dispatcher.submit(task, front=True)
+
+    handlers: dict[Kind, Callable[[_PoolIO, bytes, protocol.Message], None]] = {
+        Kind.HELLO: on_hello,
+        Kind.RESULTS: on_results,
+        Kind.BYE: on_bye,
+    }
+
+    def dispatch(self) -> None:
+        self.grow_threads()
+        for worker, batch in self.dispatcher.assign():
+            entries: list[list[Any]] = []
+            frames: list[Any] = []
+            sent = self.sent_fns[worker.worker_id]
+            for task in batch:
+                future = task.context[0]
+                if not future.set_running_or_notify_cancel():
+                    del worker.held[task.task_id]
+                    if worker.tasks_left is not None:
+                        worker.tasks_left += 1
+                    continue
+                if self.processes:
+                    with_fn = sent.needs(task.fn_key)
+                    entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+                    if with_fn:
+                        frames.append(task.fn_blob)
+                    frames.extend(task.frames)
+                else:
+                    fn, args, kwargs = task.context[1]
+                    self.shared_calls[task.task_id] = (fn, args, kwargs, future)
+                    task.context = (future, None)
+                    entries.append([task.task_id, b"-", 0, 0])
+            if entries:
+                self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
+
+    def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
+        try:
+            self.router.send_multipart([worker.worker_id, *msg], copy=False)
+        except zmq.ZMQError as exc:  # the peer is gone: its death notice follows
+            print(f"farpool: could not send to worker {worker.worker_id!r}: {exc}", file=sys.stderr)
+
+    # -- workers -------------------------------------------------------------------
+    def spawn(self) -> None:
+        worker_id = f"w{next(self.worker_ids)}".encode()
+        self.starting += 1
+        if self.processes:
+            assert self.runtime_dir is not None
+            proc = spawn_worker(worker_id, self.address, self.runtime_dir,
+                                max_tasks=self.max_tasks, init_blob=self.init_blob)
+            self.procs[worker_id] = proc
+            self.poller.register(proc.control, zmq.POLLIN)
+        else:
+            name = f"{self.thread_name_prefix}_{len(self.threads)}"
+            thread = threading.Thread(target=self.thread_worker, args=(worker_id,), name=name,
+                                      daemon=True)
+            self.threads[worker_id] = thread
+            thread.start()
+
+    def grow_threads(self) -> None:
+        """Thread workers start on demand, like the stdlib's, up to max_workers."""
+        if self.processes or self.closing and not self.dispatcher.queued:
+            return
+        busy = all(w.held for w in self.dispatcher.workers.values())
+        if (self.dispatcher.queued > self.starting and busy
+                and len(self.threads) < self.max_workers):
+            self.spawn()
+
+    def thread_worker(self, worker_id: bytes) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.identity = worker_id
+        sock.connect(self.address)
+        try:
+            failure = run_initializer(self.initializer, self.initargs)
+            if failure is not None:
+                sock.send_multipart(protocol.encode(Kind.BYE, [f"initializer failed:\n{failure}"]))
+                return
+            hello(sock, {"pid": os.getpid(), "slots": 1})
+            loop = WorkerLoop(sock, SharedCalls(self.shared_calls), stop=self.stop_threads)
+            reason = loop.run()
+            sock.send_multipart(protocol.encode(Kind.BYE, [reason]))
+        finally:
+            sock.close()
+
+    def on_death(self, control: Any) -> None:
+        proc = next((p for p in self.procs.values() if p.control is control), None)
+        if proc is None:
+            return
+        try:
+            if proc.control.recv(64):
+                return  # not a death: the worker never writes, but be tolerant
+        except OSError:
+            pass
+        self.poller.unregister(proc.control)
+        del self.procs[proc.worker_id]
+        code = proc.reap()
+        held = self.dispatcher.remove_worker(proc.worker_id)
+        self.sent_fns.pop(proc.worker_id, None)
+        if not proc.said_hello:
+            self.starting -= 1
+        if not proc.said_bye or held:
+            self.handle_lost(proc, code, held)
+        proc.close()
+        if self.broken is not None:
+            return
+        if not proc.said_hello and not proc.said_bye:
+            self.start_failures += 1
+            if self.start_failures >= MAX_START_FAILURES:
+                self.break_pool(f"worker processes keep dying before they start "
+                                f"(last ended with {describe_exit(code)})")
+                return
+        if not self.closing or self.dispatcher.queued:
+            self.spawn()
+
+    def handle_lost(self, proc: WorkerProcess, code: int | None, held: list[Task]) -> None:
+        """Fail the task a dead worker was running; requeue the ones it never began."""
+        running, done = proc.running_and_done()
+        how = describe_exit(code)
+        seen_done = done is None  # tasks before `done` in order finished unreported
+        for task in held:
+            future = task.context[0]
+            if running is not None and task.task_id == running:
+                if task.attempts < self.retries:
+                    task.attempts += 1
+                    self.dispatcher.submit(task, front=True)
+                    continue
+                self.fail(task, WorkerLost(
+                    f"worker process {proc.pid} died with {how} while running task "
+                    f"{task.task_id} ({task.label})"))
+                seen_done = True
+            elif not seen_done:
+                self.fail(task, WorkerLost(
+                    f"worker process {proc.pid} died with {how} before it reported the "
+                    f"result of task {task.task_id} ({task.label})"))
+                if task.task_id == done:
+                    seen_done = True
+            else:
+                # Never started: it runs on another worker, invisibly to the caller.
+                self.dispatcher.submit(task, front=True)
+            del future
+
+    def fail(self, task: Task, exc: BaseException) -> None:
+        future = task.context[0]
+        if future.done():
+            return
+        if future.running() or future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+
+    def break_pool(self, message: str) -> None:
+        """Fail every pending future; later submits raise the same error."""
+        if self.broken is not None:
+            return
+        self.broken = self.broken_type(message)
+        self.fail_pending(message)
+
+    def fail_pending(self, message: str) -> None:
+        while self.inbox:
+            self.fail(self.inbox.popleft(), self.broken_type(message))
+        for client in list(self.dispatcher.queues):
+            for task in self.dispatcher.drop_client(client):
+                self.fail(task, self.broken_type(message))
+        for worker_id in list(self.dispatcher.workers):
+            for task in self.dispatcher.remove_worker(worker_id):
+                self.fail(task, self.broken_type(message))
+
+    def cleanup(self) -> None:
+        """Stop workers in order: ask, wait, terminate, kill; then free sockets."""
+        self.closing = True
+        self.stop_threads.set()
+        for worker_id in list(self.dispatcher.workers):
+            try:
+                self.router.send_multipart([worker_id, *protocol.encode(Kind.BYE, ["shutdown"])])
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for proc in list(self.procs.values()):
+            if not proc.said_hello or proc.reap(max(0.0, deadline - time.monotonic())) is None:
+                proc.control.close()  # the child exits when it sees EOF here
+                proc.stop(time.monotonic() + 1.0)
+            proc.close()
+        self.procs.clear()
+        for thread in list(self.threads.values()):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        # Anything still pending now can never complete: say so rather than hang.
+        self.fail_pending("the pool was shut down before this task could run")
+        self.router.close(0)
+        self.ctx.term()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        _live_pools.discard(self)
+

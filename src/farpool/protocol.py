@@ -1,0 +1,248 @@
+"""Message kinds and the frame layout on every farpool socket.
+
+A message is a list of frames::
+
+    frame 0      msgpack header: [PROTOCOL_VERSION, kind, body]
+    frame 1..n   opaque payload frames, counted by the header
+
+Payloads are pickles and raw buffers; this module never looks inside them (the
+scheduler routes on headers alone). ``decode`` validates everything that comes off
+a socket and raises ``ProtocolError`` for anything malformed, so callers can count,
+log and drop it.
+
+Bodies by kind (typed records below):
+
+    HELLO      [info]                 worker or client -> peer: versions, pid, slots
+    WELCOME    [info]                 peer accepted the HELLO
+    REFUSE     [reason]               peer refused the HELLO (versions, credentials)
+    TASKS      [[TaskEntry...]]       a batch of tasks; frames: per task fn? + args
+    RESULTS    [[ResultEntry...]]     a batch of results; frames: per result payload
+    CANCEL     [[task_id...]]         client -> scheduler: drop these queued tasks
+    HEARTBEAT  []                     liveness, both ways
+    BYE        [reason]               an orderly goodbye (worker retiring, client done)
+    STATUS     []                     ask a scheduler for its counters
+    STATUS_REPLY [info]               the counters
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import msgpack
+
+from .errors import ProtocolError, VersionMismatch
+
+PROTOCOL_VERSION = 1
+# A header is small; anything larger is garbage or an attack.
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+# Largest message a network-facing socket accepts (ZMQ_MAXMSGSIZE, per frame).
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024 * 1024
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    REFUSE = 3
+    TASKS = 4
+    RESULTS = 5
+    CANCEL = 6
+    HEARTBEAT = 7
+    BYE = 8
+    STATUS = 9
+    STATUS_REPLY = 10
+
+
+class Status(enum.IntEnum):
+    """How a task ended, in a ResultEntry."""
+
+    OK = 0  # payload: pickled return value
+    ERROR = 1  # payload: pickled (exception, formatted traceback)
+    LOST = 2  # payload: utf-8 message; the worker died under the task
+    REJECTED = 3  # payload: utf-8 message; the scheduler refused the task
+
+
+class TaskEntry(NamedTuple):
+    """One task in a TASKS batch. ``fn_frames`` is 1 when the function blob rides
+    along (the receiver did not have ``fn_key`` yet), else 0."""
+
+    task_id: int
+    fn_key: bytes
+    fn_frames: int
+    arg_frames: int
+
+    @property
+    def nframes(self) -> int:
+        return self.fn_frames + self.arg_frames
+
+
+class ResultEntry(NamedTuple):
+    task_id: int
+    status: int
+    nframes: int
+    duration: float  # seconds the task ran, for the dispatcher's prefetch estimate
+
+
+class Message(NamedTuple):
+    kind: Kind
+    body: list[Any]
+    frames: list[Any]  # payload frames (bytes, memoryview or zmq.Frame)
+
+
+def encode(kind: Kind, body: Sequence[Any] = (), frames: Sequence[Any] = ()) -> list[Any]:
+    """The frames of a message: the header, then the payload frames unchanged."""
+    return [msgpack.packb([PROTOCOL_VERSION, int(kind), list(body)]), *frames]
+
+
+def _buffer(frame: Any) -> Any:
+    # zmq.Frame exposes its bytes as .buffer; bytes and memoryviews pass through.
+    buf = getattr(frame, "buffer", None)
+    return frame if buf is None else buf
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse and validate a message; raise ``ProtocolError`` if it is not one."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _buffer(frames[0])
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER_BYTES)
+    except Exception as exc:
+        raise ProtocolError(f"header is not msgpack: {exc}") from None
+    if not isinstance(header, list) or len(header) != 3:
+        raise ProtocolError("header is not [version, kind, body]")
+    version, kind, body = header
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    try:
+        kind = Kind(kind)
+    except (ValueError, TypeError):
+        raise ProtocolError(f"unknown message kind {kind!r}") from None
+    if not isinstance(body, list):
+        raise ProtocolError(f"{kind.name} body is not a list")
+    payload = list(frames[1:])
+    body = _VALIDATORS[kind](body, len(payload))
+    return Message(kind, body, payload)
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ProtocolError(f"{what} is not a non-negative integer: {value!r}")
+    return value
+
+
+def _entries(body: list[Any], what: str) -> list[Any]:
+    if len(body) != 1 or not isinstance(body[0], list):
+        raise ProtocolError(f"{what} body is not [[entries...]]")
+    return body[0]
+
+
+def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
+    entries = []
+    total = 0
+    for raw in _entries(body, "TASKS"):
+        if not isinstance(raw, list) or len(raw) != 4:
+            raise ProtocolError(f"bad task entry {raw!r:.80}")
+        task_id, fn_key, fn_frames, arg_frames = raw
+        if not isinstance(fn_key, bytes) or not 0 < len(fn_key) <= 64:
+            raise ProtocolError("task fn_key is not 1..64 bytes")
+        if fn_frames not in (0, 1) or type(fn_frames) is not int:
+            raise ProtocolError("task fn_frames is not 0 or 1")
+        entry = TaskEntry(_int(task_id, "task id"), fn_key, fn_frames, _int(arg_frames, "arg frames"))
+        total += entry.nframes
+        entries.append(entry)
+    if total != nframes:
+        raise ProtocolError(f"TASKS header counts {total} frames, message has {nframes}")
+    return [entries]
+
+
+def _check_results(body: list[Any], nframes: int) -> list[Any]:
+    entries = []
+    total = 0
+    for raw in _entries(body, "RESULTS"):
+        if not isinstance(raw, list) or len(raw) != 4:
+            raise ProtocolError(f"bad result entry {raw!r:.80}")
+        task_id, status, count, duration = raw
+        if status not in Status.__members__.values() or type(status) is not int:
+            raise ProtocolError(f"unknown result status {status!r}")
+        if not isinstance(duration, (int, float)):
+            raise ProtocolError("result duration is not a number")
+        entry = ResultEntry(_int(task_id, "task id"), status, _int(count, "frames"), float(duration))
+        total += entry.nframes
+        entries.append(entry)
+    if total != nframes:
+        raise ProtocolError(f"RESULTS header counts {total} frames, message has {nframes}")
+    return [entries]
+
+
+def _check_cancel(body: list[Any], nframes: int) -> list[Any]:
+    ids = [_int(t, "task id") for t in _entries(body, "CANCEL")]
+    _no_frames("CANCEL", nframes)
+    return [ids]
+
+
+def _check_info(body: list[Any], nframes: int) -> list[Any]:
+    if len(body) != 1 or not isinstance(body[0], dict):
+        raise ProtocolError("body is not [info-map]")
+    _no_frames("info message", nframes)
+    return body
+
+
+def _check_reason(body: list[Any], nframes: int) -> list[Any]:
+    if len(body) != 1 or not isinstance(body[0], str):
+        raise ProtocolError("body is not [reason]")
+    _no_frames("message", nframes)
+    return body
+
+
+def _check_empty(body: list[Any], nframes: int) -> list[Any]:
+    if body:
+        raise ProtocolError("body should be empty")
+    _no_frames("message", nframes)
+    return body
+
+
+def _no_frames(what: str, nframes: int) -> None:
+    if nframes:
+        raise ProtocolError(f"{what} carries {nframes} unexpected frames")
+
+
+_VALIDATORS = {
+    Kind.HELLO: _check_info,
+    Kind.WELCOME: _check_info,
+    Kind.REFUSE: _check_reason,
+    Kind.TASKS: _check_tasks,
+    Kind.RESULTS: _check_results,
+    Kind.CANCEL: _check_cancel,
+    Kind.HEARTBEAT: _check_empty,
+    Kind.BYE: _check_reason,
+    Kind.STATUS: _check_empty,
+    Kind.STATUS_REPLY: _check_info,
+}
+
+
+def version_info() -> dict[str, str]:
+    """What a peer must share with us to read our payloads."""
+    import cloudpickle
+
+    from . import __version__
+
+    return {
+        "farpool": __version__,
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "cloudpickle": cloudpickle.__version__,
+        "protocol": str(PROTOCOL_VERSION),
+    }
+
+
+def version_conflicts(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """Human-readable differences that make payloads unreadable; empty if compatible."""
+    problems = []
+    for key in ("protocol", "farpool", "python", "cloudpickle"):
+        if str(theirs.get(key)) != str(ours.get(key)):
+            problems.append(f"{key} {theirs.get(key)} (peer) vs {ours.get(key)} (here)")
+    return problems

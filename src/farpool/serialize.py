@@ -1,0 +1,188 @@
+"""Pickling for the wire: cloudpickle, protocol 5, large buffers as their own frames.
+
+``dumps`` returns a list of frames: the pickle stream first, then one frame per
+out-of-band buffer (NumPy arrays, large bytes), which ZeroMQ sends without copying
+and ``loads`` rebuilds without copying.
+
+Functions are pickled once and named by a digest of their pickle (``fn_key``), so a
+receiver that has seen a function skips both the bytes and the unpickling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import sys
+import traceback
+import types
+from collections import OrderedDict
+from typing import Any, Callable
+
+import cloudpickle
+
+from .errors import RemoteTraceback
+
+# Buffers below this size are cheaper inside the pickle stream than as a frame.
+OUT_OF_BAND_MIN_BYTES = 64 * 1024
+# How many distinct functions a worker keeps unpickled. Sender and receiver use the
+# same size and the same access order, so they agree on what is cached.
+FN_CACHE_SIZE = 256
+
+_SIMPLE_TYPES = frozenset({int, float, str, bool, type(None), complex})
+_EMPTY_ARGS = pickle.dumps(((), {}), protocol=5)
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Pickle ``obj`` into frames: [stream, *out_of_band_buffers]."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def collect(buf: pickle.PickleBuffer) -> bool:
+        # True keeps a buffer in the pickle stream; False sends it as its own frame.
+        view = memoryview(buf)
+        if view.nbytes < OUT_OF_BAND_MIN_BYTES or not view.contiguous:
+            return True
+        buffers.append(buf)
+        return False
+
+    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=collect)
+    return [stream, *(b.raw() for b in buffers)]
+
+
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Frames for a call's arguments, with a fast path for plain scalars."""
+    if not kwargs:
+        if not args:
+            return [_EMPTY_ARGS]
+        if all(type(a) in _SIMPLE_TYPES for a in args):
+            return [pickle.dumps((args, kwargs), protocol=5)]
+    return dumps((args, kwargs))
+
+
+def loads(frames: list[Any]) -> Any:
+    """Rebuild an object from the frames ``dumps`` produced."""
+    head = frames[0]
+    head = getattr(head, "buffer", head)
+    if len(frames) == 1:
+        return pickle.loads(head)
+    return pickle.loads(head, buffers=[getattr(f, "buffer", f) for f in frames[1:]])
+
+
+def _pickles_by_reference(fn: Any) -> bool:
+    """True when ``fn`` pickles as a plain import path, so its pickle never changes."""
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return False
+    module_name = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    if not module_name or module_name == "__main__" or "<" in qualname:
+        return False
+    by_value = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+    if any(module_name == m or module_name.startswith(m + ".") for m in by_value):
+        return False
+    module = sys.modules.get(module_name)
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj is fn
+
+
+class FunctionPickler:
+    """Pickles functions for the wire, reusing the pickle of importable functions.
+
+    Functions pickled by value (lambdas, closures, ``__main__`` functions) are pickled
+    anew on every call, because their captured state may have changed since.
+    """
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._by_ref: OrderedDict[int, tuple[Any, bytes, bytes]] = OrderedDict()
+        self._capacity = capacity
+
+    def __call__(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+        """Return ``(fn_key, blob)`` for ``fn``."""
+        hit = self._by_ref.get(id(fn))
+        if hit is not None and hit[0] is fn:
+            return hit[1], hit[2]
+        blob = cloudpickle.dumps(fn, protocol=5)
+        key = hashlib.blake2b(blob, digest_size=16).digest()
+        if _pickles_by_reference(fn):
+            # Holding fn keeps its id from being reused by another object.
+            self._by_ref[id(fn)] = (fn, key, blob)
+            if len(self._by_ref) > self._capacity:
+                self._by_ref.popitem(last=False)
+        return key, blob
+
+
+class FunctionCache:
+    """A bounded LRU of unpickled functions, on the receiving side.
+
+    The sender mirrors it with ``SentFunctions``; both evict in the same order.
+    """
+
+    def __init__(self, capacity: int = FN_CACHE_SIZE) -> None:
+        self._fns: OrderedDict[bytes, Any] = OrderedDict()
+        self._capacity = capacity
+
+    def put(self, key: bytes, blob: Any) -> None:
+        try:
+            fn: Any = loads([blob])
+        except BaseException as exc:  # noqa: BLE001 - reported on every use
+            fn = _Unloadable(exc, traceback.format_exc())
+        self._fns[key] = fn
+        self._fns.move_to_end(key)
+        if len(self._fns) > self._capacity:
+            self._fns.popitem(last=False)
+
+    def get(self, key: bytes) -> Any:
+        fn = self._fns[key]
+        self._fns.move_to_end(key)
+        if isinstance(fn, _Unloadable):
+            raise fn.error
+        return fn
+
+
+class SentFunctions:
+    """The sender's mirror of one receiver's ``FunctionCache``."""
+
+    def __init__(self, capacity: int = FN_CACHE_SIZE) -> None:
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._capacity = capacity
+
+    def needs(self, key: bytes) -> bool:
+        """Record a use of ``key``; True if its blob must be sent along."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._capacity:
+            self._keys.popitem(last=False)
+        return True
+
+
+class _Unloadable:
+    def __init__(self, error: BaseException, tb: str) -> None:
+        self.error = error
+        self.tb = tb
+
+
+def dump_exception(exc: BaseException) -> list[Any]:
+    """Frames for a task's exception and its formatted traceback.
+
+    If the exception itself cannot be pickled, the pickling error is sent instead,
+    with the original traceback in its message, so the future still fails clearly.
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    try:
+        return dumps((exc, tb))
+    except BaseException as pickling_error:  # noqa: BLE001
+        note = f"{type(pickling_error).__name__}: {pickling_error}"
+        err = pickle.PicklingError(
+            f"the task raised {type(exc).__name__}, which could not be pickled ({note})"
+        )
+        return dumps((err, tb))
+
+
+def load_exception(frames: list[Any]) -> BaseException:
+    """The exception a worker sent, with its remote traceback as ``__cause__``."""
+    exc, tb = loads(frames)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return exc

@@ -1,0 +1,258 @@
+"""The worker loop: receive tasks, run them, reply, in order. The same loop serves a
+thread of this interpreter, a local worker process and a worker daemon's processes;
+only the ``Calls`` object differs:
+
+- ``PickledCalls``: tasks and results travel as pickles (processes, daemons);
+- ``SharedCalls``: thread workers share the client's memory, so tasks come by
+  reference and the worker completes the future itself (stdlib thread semantics).
+
+Results of short tasks are sent in batches (at most ``FLUSH_SECONDS`` late); a task
+that ran longer than that is reported at once.
+
+A worker process is started as ``python -m farpool.worker`` with its configuration
+pickled on stdin, and a control socket inherited from its parent: when the parent
+dies the socket closes and the worker exits, even in the middle of a task.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import protocol, serialize
+from .protocol import Kind, Status, TaskEntry
+
+FLUSH_SECONDS = 0.001
+FLUSH_COUNT = 64
+# How often an idle thread worker checks its pool's stop flag.
+IDLE_CHECK_MS = 200
+# The state record a local supervisor reads after a crash: (running id, last done id).
+STATE = struct.Struct("<QQ")
+
+
+class PickledCalls:
+    """Tasks as pickles in, results as pickles out."""
+
+    def __init__(self) -> None:
+        self.fns = serialize.FunctionCache()
+
+    def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
+        # Cache operations happen in arrival order: the sender mirrors them.
+        if entry.fn_frames:
+            self.fns.put(entry.fn_key, frames[0])
+            frames = frames[1:]
+        try:
+            fn: Any = self.fns.get(entry.fn_key)
+        except KeyError:
+            fn = LookupError(f"function {entry.fn_key.hex()} was never sent to this worker")
+        except BaseException as exc:  # noqa: BLE001 - the function failed to unpickle
+            fn = exc
+        return fn, frames
+
+    def run(self, entry: TaskEntry, item: Any) -> tuple[int, list[Any]]:
+        fn, frames = item
+        try:
+            if isinstance(fn, BaseException):
+                raise fn
+            args, kwargs = serialize.loads(frames)
+            del frames, item
+            result = fn(*args, **kwargs)
+            del args, kwargs
+        except BaseException as exc:  # noqa: BLE001 - every task error goes back
+            return Status.ERROR, serialize.dump_exception(exc)
+        try:
+            return Status.OK, serialize.dumps(result)
+        except BaseException as exc:  # noqa: BLE001 - an unpicklable result
+            return Status.ERROR, serialize.dump_exception(exc)
+
+
+class SharedCalls:
+    """Thread workers: the I/O thread parks each call in ``table``; the worker takes
+    it by task id, runs it and completes its future here, in the worker thread."""
+
+    def __init__(self, table: dict[int, Any]) -> None:
+        self.table = table
+
+    def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
+        return self.table.pop(entry.task_id)
+
+    def run(self, entry: TaskEntry, item: Any) -> tuple[int, list[Any]]:
+        fn, args, kwargs, future = item
+        del item
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001
+            future.set_exception(exc)
+            del exc, future
+        else:
+            future.set_result(result)
+            del result, future
+        return Status.OK, []
+
+
+class WorkerLoop:
+    """Runs tasks from ``sock`` until told to stop; returns the reason it stopped."""
+
+    def __init__(self, sock: zmq.Socket, calls: Any, *, max_tasks: int | None = None,
+                 state: mmap.mmap | None = None, stop: threading.Event | None = None) -> None:
+        self.sock = sock
+        self.stop = stop
+        self.calls = calls
+        self.max_tasks = max_tasks
+        self.state = state
+        self.pending: deque[tuple[TaskEntry, Any]] = deque()
+        self.out_entries: list[list[Any]] = []
+        self.out_frames: list[Any] = []
+        self.first_unsent = 0.0
+        self.ran = 0
+        self.stop_reason = ""
+
+    def run(self) -> str:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stop_reason:
+            if not self.pending:
+                self.flush()
+                if self.stop is None:
+                    poller.poll()
+                elif not poller.poll(IDLE_CHECK_MS) and self.stop.is_set():
+                    return "stopped"
+            self.receive()
+            if self.pending:
+                self.run_one()
+        self.flush()
+        return self.stop_reason
+
+    def receive(self) -> None:
+        sock = self.sock
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                print(f"farpool worker: dropped a malformed message: {exc}", file=sys.stderr)
+                continue
+            if msg.kind is Kind.TASKS:
+                payload = msg.frames
+                for entry in msg.body[0]:
+                    mine, payload = payload[: entry.nframes], payload[entry.nframes :]
+                    self.pending.append((entry, self.calls.receive(entry, mine)))
+            elif msg.kind is Kind.BYE:
+                self.stop_reason = msg.body[0] or "asked to stop"
+                return
+
+    def run_one(self) -> None:
+        entry, item = self.pending.popleft()
+        state = self.state
+        if state is not None:
+            STATE.pack_into(state, 0, entry.task_id + 1, 0)
+        start = time.perf_counter()
+        status, frames = self.calls.run(entry, item)
+        del item
+        seconds = time.perf_counter() - start
+        if state is not None:
+            STATE.pack_into(state, 0, 0, entry.task_id + 1)
+        if not self.out_entries:
+            self.first_unsent = start
+        self.out_entries.append([entry.task_id, int(status), len(frames), seconds])
+        self.out_frames.extend(frames)
+        self.ran += 1
+        if self.max_tasks is not None and self.ran >= self.max_tasks:
+            self.stop_reason = "retired"  # max_tasks_per_child reached
+        elif (seconds >= FLUSH_SECONDS or len(self.out_entries) >= FLUSH_COUNT
+              or time.perf_counter() - self.first_unsent >= FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.out_entries:
+            return
+        msg = protocol.encode(Kind.RESULTS, [self.out_entries], self.out_frames)
+        self.out_entries, self.out_frames = [], []
+        self.sock.send_multipart(msg, copy=False)
+
+
+def run_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> str | None:
+    """Run a pool initializer; return the formatted error if it failed."""
+    if initializer is None:
+        return None
+    try:
+        initializer(*initargs)
+    except BaseException:  # noqa: BLE001 - reported to the pool, which breaks
+        tb = traceback.format_exc()
+        print(f"farpool: exception in initializer:\n{tb}", file=sys.stderr, flush=True)
+        return tb
+    return None
+
+
+def hello(sock: zmq.Socket, info: dict[str, Any]) -> None:
+    sock.send_multipart(protocol.encode(Kind.HELLO, [info]))
+
+
+def _watch_parent(control: socket.socket) -> None:
+    """Exit the moment the parent's end of the control socket closes."""
+    try:
+        while control.recv(64):
+            pass
+    except OSError:
+        pass
+    os._exit(70)
+
+
+def _process_main() -> int:
+    config = pickle.loads(sys.stdin.buffer.read())
+    for entry in reversed(config["sys_path"]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    control = socket.socket(fileno=config["control_fd"])
+    threading.Thread(target=_watch_parent, args=(control,), daemon=True,
+                     name="farpool-parent-watch").start()
+    state = None
+    if config.get("state_path"):
+        with open(config["state_path"], "r+b") as f:
+            state = mmap.mmap(f.fileno(), STATE.size)
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 2000
+    sock.identity = config["worker_id"]
+    sock.connect(config["address"])
+    try:
+        initializer, initargs = pickle.loads(config["initializer"])
+    except BaseException:  # noqa: BLE001
+        initializer, initargs = _fail_initializer, (traceback.format_exc(),)
+    failure = run_initializer(initializer, initargs)
+    if failure is not None:
+        sock.send_multipart(protocol.encode(Kind.BYE, [f"initializer failed:\n{failure}"]))
+        sock.close()
+        ctx.term()
+        return 3
+    hello(sock, {"pid": os.getpid(), "slots": 1, **protocol.version_info()})
+    loop = WorkerLoop(sock, PickledCalls(), max_tasks=config.get("max_tasks"), state=state)
+    reason = loop.run()
+    sock.send_multipart(protocol.encode(Kind.BYE, [reason]))
+    sock.close()
+    ctx.term()
+    return 0
+
+
+def _fail_initializer(tb: str) -> None:
+    raise RuntimeError(f"the initializer could not be unpickled in the worker:\n{tb}")
+
+
+if __name__ == "__main__":
+    sys.exit(_process_main())
