@@ -109,7 +109,7 @@ class Executor(concurrent.futures.Executor):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
         end_time = None if timeout is None else timeout + time.monotonic()
 
-        calls: Iterator[tuple[Any, ...]] = zip(*iterables)
+        calls: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         chunked = chunksize > 1 and self._backend.chunks
         if chunked:
             calls = ((fn, chunk) for chunk in _batched(calls, chunksize))

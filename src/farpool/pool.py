@@ -89,6 +89,39 @@ def _label(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
+class FutureSink:
+    """Where a local pool's outcomes go: each task's ``context`` is its Future."""
+
+    def __init__(self, pickled: bool) -> None:
+        self.pickled = pickled
+
+    def start(self, task: Task) -> bool:
+        return task.context.set_running_or_notify_cancel()
+
+    def result(self, task: Task, entry: protocol.ResultEntry, payload: list[Any]) -> None:
+        if not self.pickled:
+            return  # the thread worker completed the future itself
+        future = task.context
+        try:
+            if entry.status == Status.OK:
+                future.set_result(serialize.loads(payload))
+            else:
+                future.set_exception(serialize.load_exception(payload))
+        except BaseException as exc:  # noqa: BLE001 - unpicklable result or error
+            if not future.done():
+                future.set_exception(exc)
+
+    def fail(self, task: Task, exc: BaseException) -> None:
+        future = task.context
+        if future.done():
+            return
+        if future.running() or future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+
+    def cancel(self, task: Task) -> None:
+        task.context.cancel()
+
+
 class LocalPool:
     """The backend for ``processes`` and ``threads``. Caller-side half: the I/O loop
     lives in ``_PoolIO``."""
@@ -150,7 +183,8 @@ class LocalPool:
             raise self.broken_type(str(broken))
         task_id = next(self._ids)
         if not self.processes:
-            return Task(task_id, b"-", None, [], label=_label(fn), context=(future, (fn, args, kwargs)))
+            # Threads share memory: the call itself rides in fn_blob, never pickled.
+            return Task(task_id, b"-", (fn, args, kwargs), [], label=_label(fn), context=future)
         try:
             if fn_pickle is None:
                 with self._pickle_lock:
@@ -162,7 +196,7 @@ class LocalPool:
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
-        return Task(task_id, key, blob, frames, label=_label(fn), context=(future, None))
+        return Task(task_id, key, blob, frames, label=_label(fn), context=future)
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         self._io.request_close(cancel_futures)
@@ -179,8 +213,12 @@ class _PoolIO:
 
     def __init__(self, *, processes: bool, max_workers: int, initializer: Any,
                  initargs: tuple[Any, ...], max_tasks: int | None, thread_name_prefix: str,
-                 retries: int) -> None:
+                 retries: int, sink: Any = None) -> None:
         self.processes = processes
+        # Outcomes go to futures here; a worker daemon relays them upstream instead.
+        self.sink = sink if sink is not None else FutureSink(pickled=processes)
+        # Extra sockets the I/O thread polls, with their handlers (a daemon's upstream).
+        self.extra: dict[Any, Callable[[], None]] = {}
         self.max_workers = max_workers
         self.initializer = initializer
         self.initargs = initargs
@@ -231,7 +269,7 @@ class _PoolIO:
     def post(self, tasks: list[Task]) -> None:
         if self.closing:
             for task in tasks:
-                task.context[0].cancel()
+                self.sink.cancel(task)
             raise RuntimeError("cannot schedule new futures after shutdown")
         self.inbox.extend(tasks)
         self.wake()
@@ -266,6 +304,8 @@ class _PoolIO:
             self.poller = zmq.Poller()
             self.poller.register(self.router, zmq.POLLIN)
             self.poller.register(self.wake_r, zmq.POLLIN)
+            for sock in self.extra:
+                self.poller.register(sock, zmq.POLLIN)
             if self.processes:
                 for _ in range(self.max_workers):
                     self.spawn()
@@ -286,7 +326,11 @@ class _PoolIO:
             for what, _ in events:
                 if what is router or what == self.wake_r:
                     continue
-                self.on_death(what)
+                handler = self.extra.get(what)
+                if handler is not None:
+                    handler()
+                else:
+                    self.on_death(what)
             self.take_inbox()
             self.receive()
             if self.broken is None:
@@ -315,7 +359,7 @@ class _PoolIO:
     def cancel_queued(self) -> None:
         for client in list(self.dispatcher.queues):
             for task in self.dispatcher.drop_client(client):
-                task.context[0].cancel()
+                self.sink.cancel(task)
 
     def finished(self) -> bool:
         if self.broken is not None:
@@ -360,19 +404,8 @@ class _PoolIO:
             payload = frames[pos : pos + entry.nframes]
             pos += entry.nframes
             task = finished(worker_id, entry.task_id, entry.duration)
-            if task is None:
-                continue
-            future = task.context[0]
-            if not self.processes:
-                continue  # the thread worker completed the future itself
-            try:
-                if entry.status == Status.OK:
-                    future.set_result(serialize.loads(payload))
-                else:
-                    future.set_exception(serialize.load_exception(payload))
-            except BaseException as exc:  # noqa: BLE001 - unpicklable result or error
-                if not future.done():
-                    future.set_exception(exc)
+            if task is not None:
+                self.sink.result(task, entry, payload)
 
     def on_bye(self, worker_id: bytes, msg: protocol.Message) -> None:
         reason = msg.body[0]
@@ -400,8 +433,7 @@ class _PoolIO:
             frames: list[Any] = []
             sent = self.sent_fns[worker.worker_id]
             for task in batch:
-                future = task.context[0]
-                if not future.set_running_or_notify_cancel():
+                if not self.sink.start(task):
                     del worker.held[task.task_id]
                     if worker.tasks_left is not None:
                         worker.tasks_left += 1
@@ -413,9 +445,9 @@ class _PoolIO:
                         frames.append(task.fn_blob)
                     frames.extend(task.frames)
                 else:
-                    fn, args, kwargs = task.context[1]
-                    self.shared_calls[task.task_id] = (fn, args, kwargs, future)
-                    task.context = (future, None)
+                    fn, args, kwargs = task.fn_blob
+                    task.fn_blob = None
+                    self.shared_calls[task.task_id] = (fn, args, kwargs, task.context)
                     entries.append([task.task_id, b"-", 0, 0])
             if entries:
                 self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
@@ -505,7 +537,6 @@ class _PoolIO:
         how = describe_exit(code)
         seen_done = done is None  # tasks before `done` in order finished unreported
         for task in held:
-            future = task.context[0]
             if running is not None and task.task_id == running:
                 if task.attempts < self.retries:
                     task.attempts += 1
@@ -524,14 +555,9 @@ class _PoolIO:
             else:
                 # Never started: it runs on another worker, invisibly to the caller.
                 self.dispatcher.submit(task, front=True)
-            del future
 
     def fail(self, task: Task, exc: BaseException) -> None:
-        future = task.context[0]
-        if future.done():
-            return
-        if future.running() or future.set_running_or_notify_cancel():
-            future.set_exception(exc)
+        self.sink.fail(task, exc)
 
     def break_pool(self, message: str) -> None:
         """Fail every pending future; later submits raise the same error."""

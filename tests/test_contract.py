@@ -1,0 +1,303 @@
+"""The public contract, run against every backend through the ``executor`` fixture.
+
+What a user of concurrent.futures relies on: results, exceptions with their types,
+map ordering/laziness/timeouts, cancellation, shutdown, and the Future protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import pickle
+import threading
+import time
+
+import pytest
+
+import farpool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def slow_square(x, delay=0.05):
+    time.sleep(delay)
+    return x * x
+
+
+def sleep_then(value, delay):
+    time.sleep(delay)
+    return value
+
+
+class Boom(Exception):
+    pass
+
+
+def raise_boom(msg):
+    raise Boom(msg)
+
+
+def return_unpicklable():
+    return threading.Lock()
+
+
+def pid():
+    return os.getpid()
+
+
+def set_env(name, value):
+    os.environ[name] = value
+
+
+def get_env(name):
+    return os.environ.get(name)
+
+
+def test_submit_returns_real_future(executor):
+    fut = executor.submit(pow, 2, 10)
+    assert isinstance(fut, cf.Future)
+    assert fut.result(timeout=30) == 1024
+    assert fut.done() and not fut.cancelled() and fut.exception() is None
+
+
+def test_kwargs_and_lambdas_and_closures(executor):
+    offset = 5
+    assert executor.submit(add, 1, b=2).result(timeout=30) == 3
+    assert executor.submit(lambda x: x + offset, 1).result(timeout=30) == 6
+
+
+def test_task_exception_keeps_type_and_remote_traceback(executor, address):
+    fut = executor.submit(raise_boom, "bad thing")
+    with pytest.raises(Boom, match="bad thing"):
+        fut.result(timeout=30)
+    exc = fut.exception(timeout=1)
+    assert isinstance(exc, Boom)
+    if address not in ("threads",):
+        # Like the stdlib process pool: the worker's traceback is the __cause__.
+        assert "raise_boom" in str(exc.__cause__)
+
+
+def test_map_preserves_order(executor):
+    data = list(range(50))
+    assert list(executor.map(square, data)) == [x * x for x in data]
+
+
+def test_map_multiple_iterables_stops_at_shortest(executor):
+    assert list(executor.map(add, [1, 2, 3], [10, 20])) == [11, 22]
+
+
+def test_map_chunksize(executor):
+    data = list(range(101))
+    assert list(executor.map(square, data, chunksize=7)) == [x * x for x in data]
+
+
+def test_map_bad_arguments(executor):
+    with pytest.raises(ValueError):
+        executor.map(square, [1], chunksize=0)
+    with pytest.raises(ValueError):
+        executor.map(square, [1], buffersize=0)
+    with pytest.raises(TypeError):
+        executor.map(square, [1], buffersize=1.5)
+
+
+def test_map_exception_raised_at_its_position(executor):
+    def maybe_fail(x):
+        if x == 3:
+            raise Boom("three")
+        return x
+
+    it = executor.map(maybe_fail, range(6))
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(Boom):
+        next(it)
+
+
+def test_map_timeout(executor, address):
+    if address == "inline":
+        pytest.skip("inline runs each task at submit time: nothing is left to time out")
+    it = executor.map(sleep_then, [1, 2], [0.0, 2.0], timeout=0.3)
+    assert next(it) == 1
+    with pytest.raises(TimeoutError):
+        next(it)
+
+
+def test_map_buffersize_bounds_in_flight(executor):
+    def endless():
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    it = executor.map(square, endless(), buffersize=4)
+    assert [next(it) for _ in range(20)] == [x * x for x in range(20)]
+    it.close()
+
+
+def test_result_timeout(executor, address):
+    if address == "inline":
+        pytest.skip("inline completes at submit time")
+    fut = executor.submit(sleep_then, 1, 2.0)
+    with pytest.raises(cf.TimeoutError):
+        fut.result(timeout=0.05)
+    assert fut.result(timeout=30) == 1
+
+
+def test_wait_and_as_completed(executor):
+    futs = [executor.submit(sleep_then, i, 0.01 * (5 - i)) for i in range(5)]
+    done, not_done = cf.wait(futs, timeout=30)
+    assert len(done) == 5 and not not_done
+    assert sorted(f.result() for f in cf.as_completed(futs, timeout=30)) == list(range(5))
+
+
+def test_wait_first_exception(executor):
+    futs = [executor.submit(sleep_then, 1, 1.0), executor.submit(raise_boom, "x")]
+    done, _ = cf.wait(futs, timeout=30, return_when=cf.FIRST_EXCEPTION)
+    assert futs[1] in done
+
+
+def test_done_callback(executor):
+    seen = []
+    event = threading.Event()
+    fut = executor.submit(square, 4)
+
+    def callback(f):
+        seen.append(f.result())
+        event.set()
+
+    fut.add_done_callback(callback)
+    assert event.wait(30)
+    assert seen == [16]
+
+
+def test_asyncio_wrap_future(executor):
+    async def main():
+        return await asyncio.wait_for(asyncio.wrap_future(executor.submit(square, 9)), 30)
+
+    assert asyncio.run(main()) == 81
+
+
+def test_run_in_executor(executor):
+    async def main():
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(executor, square, 3), 30)
+
+    assert asyncio.run(main()) == 9
+
+
+def test_unpicklable_result_fails_that_future_only(executor, address):
+    if address == "threads":
+        pytest.skip("threads pass results by reference: nothing is pickled")
+    fut = executor.submit(return_unpicklable)
+    with pytest.raises((TypeError, pickle.PicklingError)):
+        fut.result(timeout=30)
+    assert executor.submit(square, 3).result(timeout=30) == 9
+
+
+def test_unpicklable_argument_fails_that_future_only(executor, address):
+    if address == "threads":
+        pytest.skip("threads pass arguments by reference: nothing is pickled")
+    fut = executor.submit(square, threading.Lock())
+    with pytest.raises((TypeError, pickle.PicklingError)):
+        fut.result(timeout=30)
+    assert executor.submit(square, 4).result(timeout=30) == 16
+
+
+def test_submit_after_shutdown_raises(address):
+    ex = farpool.Executor(address, max_workers=2)
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(square, 2)
+    with pytest.raises(RuntimeError):
+        ex.map(square, [1])
+    ex.shutdown()  # twice is fine
+
+
+def test_context_manager_waits_for_pending(address):
+    with farpool.Executor(address, max_workers=2) as ex:
+        futs = [ex.submit(sleep_then, i, 0.05) for i in range(6)]
+    assert all(f.done() for f in futs)
+    assert [f.result() for f in futs] == list(range(6))
+
+
+def test_shutdown_cancel_futures(address):
+    ex = farpool.Executor(address, max_workers=1)
+    first = ex.submit(sleep_then, "first", 0.3)
+    rest = [ex.submit(sleep_then, i, 0.2) for i in range(8)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert first.done()
+    if address != "inline":
+        assert any(f.cancelled() for f in rest)
+    for f in rest:
+        assert f.done()
+
+
+def test_shutdown_no_wait_still_completes(address):
+    ex = farpool.Executor(address, max_workers=2)
+    futs = [ex.submit(sleep_then, i, 0.05) for i in range(4)]
+    ex.shutdown(wait=False)
+    assert [f.result(timeout=30) for f in futs] == list(range(4))
+
+
+def test_cancel_pending_future(address):
+    if address == "inline":
+        pytest.skip("inline completes at submit time")
+    with farpool.Executor(address, max_workers=1) as ex:
+        blocker = ex.submit(sleep_then, 1, 0.5)
+        queued = [ex.submit(square, i) for i in range(10)]
+        cancelled = [f for f in queued if f.cancel()]
+        assert cancelled, "a queued task can be cancelled"
+        assert blocker.result(timeout=30) == 1
+        for f in cancelled:
+            with pytest.raises(cf.CancelledError):
+                f.result(timeout=1)
+        for f in queued:
+            if f not in cancelled:
+                assert f.result(timeout=30) is not None
+
+
+def test_initializer_runs_before_tasks(address):
+    ex = farpool.Executor(address, max_workers=2, initializer=set_env,
+                          initargs=("FARPOOL_TEST_INIT", "yes"))
+    try:
+        assert ex.submit(get_env, "FARPOOL_TEST_INIT").result(timeout=30) == "yes"
+    finally:
+        ex.shutdown()
+        os.environ.pop("FARPOOL_TEST_INIT", None)
+
+
+def test_failing_initializer_breaks_executor(address):
+    ex = farpool.Executor(address, max_workers=2, initializer=raise_boom, initargs=("init",))
+    try:
+        with pytest.raises(cf.BrokenExecutor):
+            fut = ex.submit(square, 2)
+            fut.result(timeout=30)
+        deadline = time.monotonic() + 30
+        while True:  # once broken, submit itself refuses, as with the stdlib
+            try:
+                ex.submit(square, 2).result(timeout=30)
+            except cf.BrokenExecutor:
+                break
+            assert time.monotonic() < deadline
+    finally:
+        ex.shutdown()
+
+
+def test_many_tasks(executor):
+    futs = [executor.submit(square, i) for i in range(2000)]
+    assert [f.result(timeout=60) for f in futs] == [i * i for i in range(2000)]
+
+
+def test_large_buffers_round_trip(executor):
+    np = pytest.importorskip("numpy")
+    arr = np.arange(2_000_000, dtype=np.float64)
+    back = executor.submit(np.negative, arr).result(timeout=60)
+    assert back.shape == arr.shape and back[12345] == -12345.0
