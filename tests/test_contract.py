@@ -124,7 +124,8 @@ def test_map_exception_raised_at_its_position(executor):
 def test_map_timeout(executor, address):
     if address == "inline":
         pytest.skip("inline runs each task at submit time: nothing is left to time out")
-    it = executor.map(sleep_then, [1, 2], [0.0, 2.0], timeout=0.3)
+    executor.submit(square, 1).result(timeout=30)  # workers are up: only the map is timed
+    it = executor.map(sleep_then, [1, 2], [0.0, 2.0], timeout=0.5)
     assert next(it) == 1
     with pytest.raises(TimeoutError):
         next(it)

@@ -96,7 +96,9 @@ class FutureSink:
         self.pickled = pickled
 
     def start(self, task: Task) -> bool:
-        return task.context.set_running_or_notify_cancel()
+        future = task.context
+        # A task requeued after its worker died is already running.
+        return future.running() or future.set_running_or_notify_cancel()
 
     def result(self, task: Task, entry: protocol.ResultEntry, payload: list[Any]) -> None:
         if not self.pickled:
@@ -502,7 +504,9 @@ class _PoolIO:
             sock.close()
 
     def on_death(self, control: Any) -> None:
-        proc = next((p for p in self.procs.values() if p.control is control), None)
+        # zmq.Poller reports plain sockets by file descriptor.
+        fd = control if isinstance(control, int) else control.fileno()
+        proc = next((p for p in self.procs.values() if p.fileno() == fd), None)
         if proc is None:
             return
         try:

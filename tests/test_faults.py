@@ -1,0 +1,241 @@
+"""Faults on the local process pool: what a user sees when workers crash, payloads do
+not pickle, initializers fail, or the client itself dies."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import farpool
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def crash_exit(code):
+    os._exit(code)
+
+
+def crash_sigkill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_segfault():
+    ctypes.string_at(0)
+
+
+def square(x):
+    return x * x
+
+
+def pid_of_worker(_=None):
+    return os.getpid()
+
+
+def slow(x, delay):
+    time.sleep(delay)
+    return x
+
+
+def crash_once(marker):
+    """Crash the first time (no marker file yet), succeed on the retry."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    return "second try"
+
+
+class FailsToUnpickle:
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _explode():
+    raise ValueError("cannot rebuild this object here")
+
+
+def return_fails_to_unpickle():
+    return FailsToUnpickle()
+
+
+@pytest.fixture
+def pool():
+    ex = farpool.ProcessPoolExecutor(max_workers=2)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("crash, words", [
+    ((crash_exit, 3), "exit code 3"),
+    ((crash_sigkill,), "SIGKILL"),
+    ((crash_segfault,), "SIGSEGV"),
+])
+def test_crash_fails_only_that_task(pool, crash, words):
+    fn, *args = crash
+    before = [pool.submit(square, i) for i in range(4)]
+    victim = pool.submit(fn, *args)
+    after = [pool.submit(square, i) for i in range(20)]
+    with pytest.raises(farpool.WorkerLost) as info:
+        victim.result(timeout=30)
+    # The error names the task and how the worker ended, and is a BrokenProcessPool.
+    assert words in str(info.value)
+    assert fn.__name__ in str(info.value)
+    assert isinstance(info.value, cf.process.BrokenProcessPool)
+    assert [f.result(timeout=30) for f in before] == [i * i for i in range(4)]
+    assert [f.result(timeout=30) for f in after] == [i * i for i in range(20)]
+    # The worker was replaced: the pool still has two and keeps working.
+    assert pool.submit(square, 7).result(timeout=30) == 49
+
+
+def test_repeated_crashes_do_not_break_the_pool(pool):
+    for _ in range(5):
+        with pytest.raises(farpool.WorkerLost):
+            pool.submit(crash_exit, 1).result(timeout=30)
+    assert list(pool.map(square, range(10))) == [i * i for i in range(10)]
+
+
+def test_retries_rerun_a_task_whose_worker_died(tmp_path):
+    with farpool.Executor("processes", max_workers=2, retries=1) as ex:
+        marker = str(tmp_path / "crashed-once")
+        assert ex.submit(crash_once, marker).result(timeout=30) == "second try"
+
+
+def test_argument_that_fails_to_unpickle_in_the_worker(pool):
+    fut = pool.submit(square, FailsToUnpickle())
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        fut.result(timeout=30)
+    assert pool.submit(square, 3).result(timeout=30) == 9
+
+
+def test_result_that_fails_to_unpickle_in_the_client(pool):
+    fut = pool.submit(return_fails_to_unpickle)
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        fut.result(timeout=30)
+    assert pool.submit(square, 3).result(timeout=30) == 9
+
+
+def test_unpicklable_exception_reported_as_pickling_error(pool):
+    fut = pool.submit(_raise_unpicklable)
+    with pytest.raises(pickle.PicklingError, match="could not be pickled"):
+        fut.result(timeout=30)
+
+
+def _raise_unpicklable():
+    import threading
+
+    err = RuntimeError("holds a lock")
+    err.lock = threading.Lock()
+    raise err
+
+
+def test_max_tasks_per_child_replaces_workers():
+    with farpool.ProcessPoolExecutor(max_workers=1, max_tasks_per_child=2) as ex:
+        pids = [ex.submit(pid_of_worker).result(timeout=30) for _ in range(6)]
+    # Each worker ran exactly two tasks, then a fresh one took over.
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[4] == pids[5]
+    assert len(set(pids)) == 3
+
+
+def test_workers_are_fresh_interpreters(pool):
+    worker = pool.submit(pid_of_worker).result(timeout=30)
+    with open(f"/proc/{worker}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"farpool.worker" in argv, argv
+
+
+def test_mp_context_is_accepted():
+    import multiprocessing
+
+    with farpool.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        assert ex.submit(square, 5).result(timeout=30) == 25
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError):
+        farpool.ProcessPoolExecutor(max_workers=0)
+    with pytest.raises(ValueError):
+        farpool.ProcessPoolExecutor(max_tasks_per_child=0)
+    with pytest.raises(TypeError):
+        farpool.ProcessPoolExecutor(initializer=42)
+    with pytest.raises(ValueError, match="processes"):
+        farpool.Executor("nosuchscheme://x")
+    with pytest.raises(TypeError):
+        farpool.ThreadPoolExecutor(max_workers="2")
+
+
+def _run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, cwd=os.path.dirname(__file__))
+
+
+def test_workers_exit_when_the_client_is_killed():
+    code = """
+        import os, sys, time, farpool
+        ex = farpool.ProcessPoolExecutor(max_workers=2)
+        pids = {ex.submit(os.getpid).result(timeout=30) for _ in range(20)}
+        print(" ".join(map(str, pids)), flush=True)
+        time.sleep(60)
+    """
+    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert pids
+    finally:
+        client.kill()
+        client.wait(10)
+        client.stdout.close()
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        time.sleep(0.05)
+    assert not alive, f"workers outlived their client: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_interpreter_exit_finishes_pending_work_without_shutdown():
+    result = _run_script("""
+        import farpool, time
+        def shout(word):
+            time.sleep(0.2)
+            print(word, flush=True)
+        ex = farpool.ProcessPoolExecutor(max_workers=2)
+        ex.submit(shout, "apple")
+        tex = farpool.ThreadPoolExecutor(max_workers=2)
+        tex.submit(shout, "pear")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "apple" in result.stdout and "pear" in result.stdout
+
+
+def test_initializer_failure_in_processes_is_broken_executor():
+    ex = farpool.ProcessPoolExecutor(max_workers=2, initializer=crash_exit, initargs=(0,))
+    try:
+        with pytest.raises(cf.BrokenExecutor):
+            ex.submit(square, 1).result(timeout=30)
+    finally:
+        ex.shutdown()
+
+
+def test_dropped_executor_is_shut_down():
+    ex = farpool.ProcessPoolExecutor(max_workers=1)
+    fut = ex.submit(slow, 5, 0.2)
+    del ex
+    assert fut.result(timeout=30) == 5
