@@ -3,6 +3,7 @@ checks for threads and child processes."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -16,6 +17,9 @@ import farpool
 # session) what the backend needs and yields the address to use.
 LOCAL_BACKENDS = ["processes", "threads", "inline"]
 CLUSTER_BACKENDS: list[str] = []
+# Dask and Ray join when installed (found without importing them, which is slow).
+CLUSTER_BACKENDS += [name for name, module in (("dask", "distributed"), ("ray", "ray"))
+                     if importlib.util.find_spec(module) is not None]
 ALL_BACKENDS = LOCAL_BACKENDS + CLUSTER_BACKENDS
 
 
@@ -80,3 +84,57 @@ def executor(address):
         yield ex
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+# -- Dask and Ray clusters (once per session, 2 workers; see engine_clusters.py) --------
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """Address of a running Dask cluster: ``dask://127.0.0.1:PORT``."""
+    pytest.importorskip("distributed")
+    from engine_clusters import start_dask
+
+    keeper = start_dask(tmp_path_factory.mktemp("dask") / "cluster.log")
+    try:
+        yield "dask://" + keeper.line.split("://", 1)[1]
+    finally:
+        keeper.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A running Ray cluster: ``(gcs_address, "ray://127.0.0.1:PORT", env)``, where
+    ``env`` holds the session's auth token, needed to connect."""
+    if importlib.util.find_spec("ray") is None:  # not imported yet: see ray_cluster
+        pytest.skip("ray is not installed")
+    from engine_clusters import start_ray
+
+    keeper = start_ray(tmp_path_factory.mktemp("ray") / "cluster.log")
+    try:
+        gcs, client = keeper.line.split()
+        yield gcs, client, keeper.env
+    finally:
+        keeper.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """The address ``"ray"``, with this process connected to the session's cluster.
+
+    Ray allows one connection per process and a Ray Client connection takes seconds
+    to set up, so rather than a ``ray://`` address per executor, the session connects
+    once as a driver and the ``"ray"`` address uses that connection (an executor
+    never shuts down a Ray it did not start). ``ray://`` is tested in test_engines.
+    """
+    gcs, _, env = ray_head
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            mp.setenv(name, env[name])
+        import ray  # after the token is set: Ray reads its auth settings on import
+
+        ray.init(address=gcs, log_to_driver=False)
+        try:
+            yield "ray"
+        finally:
+            ray.shutdown()

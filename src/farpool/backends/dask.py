@@ -1,0 +1,272 @@
+"""``dask`` and ``dask://host:port``: tasks run on a Dask distributed cluster.
+
+``dask`` starts a local cluster (``max_workers`` worker processes, default 2, one
+thread each) that the executor's shutdown stops; ``dask://host:port`` connects to
+a running scheduler and leaves it running. Tasks go to ``Client.submit`` (or one
+``Client.map`` for a batch) with ``pure=False``, so equal calls are never merged,
+and Dask serializes them: farpool adds no pickling of its own.
+
+Semantics on top of Dask's:
+
+- a task whose worker died fails with ``farpool.WorkerLost`` (Dask's ``KilledWorker``
+  as its cause); on a local cluster, ``retries`` (default 0) is how many worker
+  deaths a task survives. On an existing cluster the scheduler's own
+  ``distributed.scheduler.allowed-failures`` decides;
+- ``Future.cancel()`` succeeds until the task is done and cancels it in Dask; a
+  task that had already started runs on, and its result is dropped;
+- ``shutdown(cancel_futures=True)`` cancels the tasks the scheduler has not yet
+  handed to a worker and lets the others finish;
+- an initializer runs in each worker process before the first task it runs for
+  this executor. It travels with every task (pickled once, as bytes), so keep its
+  arguments small; workers of an existing cluster need farpool installed for it
+  (and for ``map`` with ``chunksize``);
+- ``max_workers`` sizes a local cluster; an existing cluster keeps its own size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any
+
+from ..errors import BackendUnavailable, WorkerLost
+from .engine import (
+    EngineBackend,
+    InitializerFailed,
+    call_initialized,
+    remote_traceback,
+    unwrap_pickling_error,
+)
+
+__all__ = ["DaskBackend"]
+
+DEFAULT_WORKERS = 2
+# Scheduler task states in which a task has been handed to a worker (or is done):
+# shutdown(cancel_futures=True) lets these finish, as the stdlib does for running work.
+_STARTED = frozenset({"processing", "memory", "erred"})
+
+
+def _require() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the 'dask' backend needs Dask's distributed scheduler: pip install 'farpool[dask]'"
+        ) from exc
+    return distributed
+
+
+def _check_workers(max_workers: Any) -> int | None:
+    if max_workers is None:
+        return None
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+    if max_workers <= 0:
+        raise ValueError("max_workers must be greater than 0")
+    return max_workers
+
+
+def _scheduler_address(address: str) -> str | None:
+    """``None`` for a local cluster, else the scheduler's ``tcp://`` address."""
+    if address.strip().lower() == "dask":
+        return None
+    rest = address.split("://", 1)[1]
+    if not rest or "/" in rest:
+        raise ValueError(f"a Dask address is 'dask' or 'dask://host:port', not {address!r}")
+    return f"tcp://{rest}"
+
+
+class _Resources:
+    """What to close when the executor is done: our client, and a cluster we started."""
+
+    def __init__(self, client: Any, cluster: Any) -> None:
+        self.client = client
+        self.cluster = cluster
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+class DaskBackend(EngineBackend):
+    """Runs tasks on Dask; see the module docstring for the addresses and semantics.
+
+    ``submit_options`` go to every ``Client.submit`` (``resources``, ``workers``,
+    ``priority``...). Other keyword options go to ``distributed.LocalCluster`` for
+    ``dask`` and to ``distributed.Client`` for ``dask://host:port``.
+    """
+
+    engine_name = "dask"
+
+    def __init__(self, address: str, *, max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+                 retries: int | None = None, submit_options: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        distributed = _require()
+        import dask
+        from dask.utils import apply, funcname
+
+        workers = _check_workers(max_workers)
+        scheduler = _scheduler_address(address)
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                    or retries < 0):
+            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+        if retries is not None and scheduler is not None:
+            raise ValueError("retries applies to a local cluster only: an existing scheduler "
+                             "retries as its distributed.scheduler.allowed-failures says")
+        super().__init__(initializer, initargs)
+        self._apply = apply
+        self._funcname = funcname
+        self._killed_worker = distributed.KilledWorker
+        self._submit_options = dict(submit_options or {})
+
+        cluster = None
+        if scheduler is None:
+            # The scheduler runs in this process and reads allowed-failures as it starts:
+            # by default a task whose worker dies fails at once, like farpool's own pool.
+            # Its HTTP endpoint (dashboard, health) on a free local port: a second local
+            # cluster never fights over Dask's default 8787.
+            options.setdefault("dashboard_address", "127.0.0.1:0")
+            with dask.config.set({"distributed.scheduler.allowed-failures": retries or 0}):
+                cluster = distributed.LocalCluster(
+                    n_workers=workers or DEFAULT_WORKERS, threads_per_worker=1, processes=True,
+                    **options)
+            try:
+                # Results come straight from the workers (on this host) instead of being
+                # relayed by the scheduler, which stays free to schedule.
+                self._client = distributed.Client(cluster, set_as_default=False,
+                                                  direct_to_workers=True)
+            except BaseException:
+                cluster.close()
+                raise
+        else:
+            self._client = distributed.Client(scheduler, set_as_default=False, **options)
+        self._start(_Resources(self._client, cluster))
+
+    def __repr__(self) -> str:
+        return f"<DaskBackend {self._client.scheduler.address}>"
+
+    # -- submitting ----------------------------------------------------------------
+
+    def _task(self, fn: Callable[..., Any], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        if self.init_spec is not None:
+            return call_initialized, (self.init_spec, fn, args, kwargs)
+        if kwargs:
+            # Through dask's apply, so user keywords never meet Client.submit's own.
+            return self._apply, (fn, args, kwargs)
+        return fn, args
+
+    def _key(self, fn: Callable[..., Any]) -> str:
+        # Named after the user's function (not a wrapper), unique: never deduplicated.
+        return f"{self._funcname(fn)}-{uuid.uuid4().hex}"
+
+    def _engine_submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        task, task_args = self._task(fn, args, kwargs)
+        try:
+            return self._client.submit(task, *task_args, key=self._key(fn), pure=False,
+                                       **self._submit_options)
+        except Exception as exc:
+            raise unwrap_pickling_error(exc) from None
+
+    def _engine_submit_many(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        # One Client.map sends the whole batch in one message; it needs calls of one
+        # non-zero arity (map's columns), which is what Executor.map produces.
+        arity = len(calls[0])
+        if len(calls) == 1 or arity == 0 or any(len(args) != arity for args in calls):
+            return super()._engine_submit_many(fn, calls)
+        if self.init_spec is not None:
+            n = len(calls)
+            task: Callable[..., Any] = call_initialized
+            columns: list[Any] = [[self.init_spec] * n, [fn] * n, calls, [{}] * n]
+        else:
+            task, columns = fn, list(zip(*calls, strict=True))
+        keys = [self._key(fn) for _ in calls]
+        try:
+            return self._client.map(task, *columns, key=keys, pure=False, **self._submit_options)
+        except Exception:  # noqa: BLE001 - one bad call: submit one by one to fail only it
+            return super()._engine_submit_many(fn, calls)
+
+    def _watch(self, future: Future, handle: Any) -> None:
+        self._client.loop.add_callback(self._fetch, future, handle)
+
+    # -- outcomes --------------------------------------------------------------------
+
+    async def _fetch(self, future: Future, dfut: Any) -> None:
+        """On the client's event loop: wait for the task and fetch its result.
+
+        Dask sends the gathers awaited at the same time as one request, so a burst
+        of finished tasks costs one round trip; no Dask callback thread is involved.
+        """
+        try:
+            value = await self._client.gather(dfut, asynchronous=True)
+        except BaseException as exc:  # noqa: BLE001 - sorted out in the results thread
+            outcome: tuple[bool, Any] = (False, exc)
+        else:
+            outcome = (True, value)
+        self._engine_done(future, (dfut, *outcome))
+
+    def _resolve(self, items: list[tuple[Future, Any]]) -> None:
+        for future, (dfut, ok, payload) in items:
+            if ok:
+                self._settle(future, payload)
+                continue
+            try:
+                self._settle_error(future, dfut, payload)
+            except BaseException as exc:  # noqa: BLE001 - e.g. the error does not unpickle here
+                self._settle(future, error=exc)
+
+    def _settle_error(self, future: Future, dfut: Any, error: BaseException) -> None:
+        if future not in self._pending:
+            return  # cancelled by the user: nothing to report
+        status = dfut.status
+        if status == "cancelled" or isinstance(error, CancelledError | asyncio.CancelledError):
+            self._settle(future, cancelled=True)
+            return
+        if status != "error":  # the task succeeded but its result did not reach us
+            self._settle(future, error=unwrap_pickling_error(error))
+            return
+        exc, tb = dfut.exception(), dfut.traceback()
+        if isinstance(exc, self._killed_worker):
+            lost = WorkerLost(str(exc))
+            lost.__cause__ = exc
+            self._settle(future, error=lost)
+            return
+        if not isinstance(exc, InitializerFailed):
+            text = "Traceback (most recent call last):\n" + "".join(traceback.format_tb(tb))
+            text += "".join(traceback.format_exception_only(type(exc), exc))
+            exc.__cause__ = remote_traceback(text)
+            exc.__traceback__ = None
+        self._settle(future, error=exc)
+
+    # -- cancelling ------------------------------------------------------------------
+
+    def _engine_cancel(self, handles: list[Any]) -> None:
+        try:
+            self._client.cancel(handles)
+        except Exception:  # noqa: BLE001 - the client is closing: Dask drops them anyway
+            pass
+
+    def _cancel_queued(self, pending: dict[Future, Any]) -> None:
+        by_key = {dfut.key: future for future, dfut in pending.items()}
+        try:
+            states = self._client.sync(self._client.scheduler.get_task_status,
+                                       keys=list(by_key), callback_timeout=30)
+        except Exception:  # noqa: BLE001 - unknown states: cancel all that are pending
+            states = {}
+        for key, future in by_key.items():
+            if states.get(key) not in _STARTED:
+                future.cancel()  # our done-callback cancels it in Dask
+
+    def stats(self) -> dict[str, Any]:
+        """Workers of the cluster and tasks of this executor not yet done."""
+        workers = self._client.scheduler_info().get("workers", {})
+        return {"workers": len(workers), "pending": len(self._pending)}
+

@@ -1,0 +1,328 @@
+"""``ray`` and ``ray://host:port``: tasks run as Ray tasks.
+
+``ray`` uses the Ray instance this process is already connected to, if any;
+otherwise it connects to ``RAY_ADDRESS`` when that is set (as on a Ray cluster's
+job), or starts a local instance (``max_workers`` CPUs) that the last executor
+using it shuts down. ``ray://host:port`` connects through Ray Client to a running
+cluster, which stays running. Ray allows one connection per process, so the
+executors of a process share it.
+
+Semantics on top of Ray's:
+
+- a task whose worker died fails with ``farpool.WorkerLost`` (Ray's
+  ``WorkerCrashedError``, ``NodeDiedError``... as its cause); ``retries`` (default
+  0, Ray's ``max_retries``) is how many such deaths a task survives;
+- ``Future.cancel()`` succeeds until the task is done and cancels it in Ray
+  (``ray.cancel``). Ray would interrupt a running task with KeyboardInterrupt:
+  farpool's tasks ignore that interrupt, so a task that had started runs on, and
+  its result is dropped, as with the stdlib's and Dask's running tasks;
+- ``shutdown(cancel_futures=True)`` asks Ray to cancel every pending task: the
+  queued ones end cancelled, the running ones finish and keep their results;
+- NumPy arrays come back read-only (zero-copy from Ray's object store), as with
+  ``ray.get``;
+- workers of an existing cluster need farpool installed (the task wrapper lives here);
+- ``max_workers`` sizes a local instance (its CPUs); an existing cluster keeps its size.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import threading
+import types
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from ..errors import BackendUnavailable, WorkerLost
+from ..serialize import FunctionPickler
+from .engine import (
+    EngineBackend,
+    InitSpec,
+    ensure_initialized,
+    remote_traceback,
+    unwrap_pickling_error,
+)
+
+__all__ = ["RayBackend"]
+
+# Remote functions kept per executor, one per function (exported once to Ray).
+REMOTE_CACHE_SIZE = 256
+# A function whose pickle is larger than this (captured arrays...) travels with each
+# call through the object store instead of being exported to Ray's GCS.
+MAX_EXPORT_BYTES = 64 * 1024
+# Ray colours its tracebacks for terminals.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOST_ERRORS = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "RayActorError",
+                "OutOfMemoryError", "ObjectLostError")
+
+
+def _require() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailable("the 'ray' backend needs Ray: pip install 'farpool[ray]'") from exc
+    return ray
+
+
+# -- in the worker ---------------------------------------------------------------------
+
+
+def _run(fn: Callable[..., Any], init: InitSpec | None, args: tuple[Any, ...],
+         kwargs: dict[str, Any]) -> Any:
+    if init is not None:
+        ensure_initialized(init)
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    # ray.cancel interrupts a running task through the SIGINT handler: ignoring it
+    # while the user's function runs keeps the stdlib's rule that started work finishes.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _bind(fn: Callable[..., Any], init: InitSpec | None) -> Callable[..., Any]:
+    """A Ray task running ``fn``: exported once, then each call sends only arguments."""
+
+    def task(*args: Any, **kwargs: Any) -> Any:
+        return _run(fn, init, args, kwargs)
+
+    task.__name__ = task.__qualname__ = getattr(fn, "__name__", "task")  # Ray's task name
+    return task
+
+
+def _bind_any(init: InitSpec | None) -> Callable[..., Any]:
+    """A Ray task running the function it is given, for callables with state."""
+
+    def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return _run(fn, init, args, kwargs)
+
+    return call
+
+
+# -- this process's Ray connection -------------------------------------------------------
+
+
+class _Session:
+    """The one Ray connection of this process, counted by the executors using it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.owned = False
+        self.address: str | None = None
+
+    def acquire(self, ray: Any, address: str, max_workers: int | None,
+                init_options: dict[str, Any]) -> None:
+        with self.lock:
+            if self.users == 0:
+                self.address = address
+                self.owned = False
+                if ray.is_initialized():
+                    self._check_reuse(ray, address, init_options)
+                else:
+                    self._connect(ray, address, max_workers, init_options)
+                    self.owned = True
+            elif address not in ("ray", self.address):
+                raise ValueError(f"this process is connected to Ray through {self.address!r}: "
+                                 f"Ray allows one connection per process, so {address!r} "
+                                 f"cannot be used alongside it")
+            elif init_options:
+                raise ValueError("Ray is already connected in this process: options for "
+                                 f"ray.init ({', '.join(sorted(init_options))}) cannot apply")
+            self.users += 1
+
+    @staticmethod
+    def _check_reuse(ray: Any, address: str, init_options: dict[str, Any]) -> None:
+        # Ray was initialized by the application: use it, and never shut it down.
+        if init_options:
+            raise ValueError("Ray is already initialized in this process: options for "
+                             f"ray.init ({', '.join(sorted(init_options))}) cannot apply")
+        from ray.util.client import ray as ray_client
+
+        if address != "ray" and not ray_client.is_connected():
+            raise ValueError("Ray is already initialized in this process, not through Ray "
+                             "Client: use the address 'ray' to run on it")
+
+    @staticmethod
+    def _connect(ray: Any, address: str, max_workers: int | None,
+                 init_options: dict[str, Any]) -> None:
+        options = dict(init_options)
+        if address == "ray":
+            target = os.environ.get("RAY_ADDRESS") or "local"
+            if target == "local" and max_workers is not None:
+                options.setdefault("num_cpus", max_workers)
+        else:
+            target = address
+        ray.init(address=target, **options)
+
+    def release(self, ray: Any) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0 and self.owned:
+                self.owned = False
+                ray.shutdown()
+
+
+_session = _Session()
+
+
+class _Resources:
+    def __init__(self, ray: Any) -> None:
+        self.ray = ray
+
+    def close(self) -> None:
+        _session.release(self.ray)
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+
+class RayBackend(EngineBackend):
+    """Runs tasks on Ray; see the module docstring for the addresses and semantics.
+
+    ``remote_options`` go to every task (``num_cpus``, ``num_gpus``, ``resources``,
+    ``runtime_env``...). Other keyword options go to ``ray.init`` when farpool
+    connects or starts Ray.
+    """
+
+    engine_name = "ray"
+
+    def __init__(self, address: str, *, max_workers: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+                 retries: int = 0, remote_options: dict[str, Any] | None = None,
+                 **init_options: Any) -> None:
+        ray = _require()
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+        address = address.strip()
+        if address.lower() == "ray":
+            address = "ray"
+        elif not address.split("://", 1)[1]:
+            raise ValueError(f"a Ray address is 'ray' or 'ray://host:port', not {address!r}")
+        super().__init__(initializer, initargs)
+        self._ray = ray
+        self._remote_options = {"max_retries": retries, **(remote_options or {})}
+        self._remotes: OrderedDict[bytes, Any] = OrderedDict()
+        self._pickler = FunctionPickler()
+        self._lost = tuple(getattr(ray.exceptions, name) for name in _LOST_ERRORS
+                           if hasattr(ray.exceptions, name))
+        self._address = address
+        _session.acquire(ray, address, max_workers, init_options)
+        try:
+            self._call_any = ray.remote(**self._remote_options)(_bind_any(self.init_spec))
+        except BaseException:
+            _session.release(ray)  # e.g. remote_options Ray does not know
+            raise
+        self._start(_Resources(ray))
+
+    def __repr__(self) -> str:
+        return f"<RayBackend {self._address!r}>"
+
+    # -- submitting ----------------------------------------------------------------
+
+    def _remote_for(self, fn: Callable[..., Any]) -> Any:
+        """The remote function running ``fn``, or None to send ``fn`` with the call.
+
+        Exporting a function once and sending only arguments is what makes Ray fast
+        (a function argument costs Ray as much as the task itself). The cache is keyed
+        by the function's pickle, so a closure or a ``__main__`` function whose
+        captured state changed is exported anew: each task sees the function as it
+        was at its submit, as with the stdlib. Called under the backend's lock.
+        """
+        if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+            return None  # partials, methods, callable objects: state travels per call
+        key, blob = self._pickler(fn)  # importable functions are pickled only once
+        if len(blob) > MAX_EXPORT_BYTES:
+            return None
+        remote = self._remotes.get(key)
+        if remote is not None:
+            self._remotes.move_to_end(key)
+            return remote
+        remote = self._ray.remote(**self._remote_options)(_bind(fn, self.init_spec))
+        self._remotes[key] = remote
+        if len(self._remotes) > REMOTE_CACHE_SIZE:
+            self._remotes.popitem(last=False)
+        return remote
+
+    def _engine_submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        try:
+            remote = self._remote_for(fn)
+            if remote is not None:
+                return remote.remote(*args, **kwargs)
+            return self._call_any.remote(fn, *args, **kwargs)
+        except TypeError as exc:
+            raise unwrap_pickling_error(exc) from None
+
+    def _watch(self, future: Future, handle: Any) -> None:
+        # Ray calls back with its own concurrent future, which becomes the handle.
+        handle.future().add_done_callback(functools.partial(self._engine_done, future))
+
+    # -- outcomes --------------------------------------------------------------------
+
+    def _resolve(self, items: list[tuple[Future, Any]]) -> None:
+        for future, ray_future in items:
+            try:
+                value = ray_future.result()
+            except BaseException as exc:  # noqa: BLE001 - translated below
+                try:
+                    error = self._translate(exc)
+                except BaseException as bug:  # noqa: BLE001 - report rather than hang
+                    error = bug
+                if error is None:
+                    self._settle(future, cancelled=True)
+                else:
+                    self._settle(future, error=error)
+            else:
+                self._settle(future, value)
+
+    def _translate(self, exc: BaseException) -> BaseException | None:
+        """The error the user sees for Ray's ``exc``; None when the task was cancelled."""
+        errors = self._ray.exceptions
+        if isinstance(exc, errors.TaskCancelledError):
+            return None
+        if isinstance(exc, errors.RayTaskError):
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, errors.TaskCancelledError):
+                return None
+            if cause is None or isinstance(cause, errors.RayError):
+                return exc  # e.g. the task's exception could not be pickled
+            cause.__cause__ = remote_traceback(_ANSI.sub("", str(exc)))
+            return cause.with_traceback(None)
+        if isinstance(exc, self._lost):
+            lost = WorkerLost(str(exc))
+            lost.__cause__ = exc
+            return lost
+        return exc
+
+    # -- cancelling ------------------------------------------------------------------
+
+    def _engine_cancel(self, handles: list[Any]) -> None:
+        for ref in handles:
+            try:
+                # Not recursive: a running task ignores the interrupt and runs on, and
+                # so should what it submitted.
+                self._ray.cancel(ref, force=False, recursive=False)
+            except Exception:  # noqa: BLE001 - already done, or Ray is going away
+                pass
+
+    def _cancel_queued(self, pending: dict[Future, Any]) -> None:
+        # Ray cancels what has not started; started tasks ignore the interrupt and
+        # report their results. The outcomes say which was which.
+        self._engine_cancel(list(pending.values()))
+
+    def stats(self) -> dict[str, Any]:
+        """CPUs of the Ray cluster and tasks of this executor not yet done."""
+        return {"cpus": self._ray.cluster_resources().get("CPU", 0), "pending": len(self._pending)}
