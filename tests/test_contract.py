@@ -125,7 +125,7 @@ def test_map_timeout(executor, address):
     if address == "inline":
         pytest.skip("inline runs each task at submit time: nothing is left to time out")
     executor.submit(square, 1).result(timeout=30)  # workers are up: only the map is timed
-    it = executor.map(sleep_then, [1, 2], [0.0, 2.0], timeout=0.5)
+    it = executor.map(sleep_then, [1, 2], [0.0, 4.0], timeout=2.0)
     assert next(it) == 1
     with pytest.raises(TimeoutError):
         next(it)
