@@ -157,6 +157,9 @@ class WorkerLoop:
                 return
 
     def run_one(self) -> None:
+        # The next task may be long: never hold a finished result back behind it.
+        # (Batching results across tasks is left for when task length is known.)
+        self.flush()
         entry, item = self.pending.popleft()
         state = self.state
         if state is not None:
