@@ -40,6 +40,7 @@ from .engine import (
     remote_traceback,
     unwrap_pickling_error,
 )
+from .local import check_workers
 
 __all__ = ["DaskBackend"]
 
@@ -60,13 +61,7 @@ def _require() -> Any:
 
 
 def _check_workers(max_workers: Any) -> int | None:
-    if max_workers is None:
-        return None
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-        raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-    if max_workers <= 0:
-        raise ValueError("max_workers must be greater than 0")
-    return max_workers
+    return check_workers(max_workers, None)
 
 
 def _scheduler_address(address: str) -> str | None:

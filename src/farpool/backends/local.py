@@ -8,7 +8,8 @@ from typing import Any
 from ..pool import LocalPool
 
 
-def _check_workers(max_workers: Any, default: int) -> int:
+def check_workers(max_workers: Any, default: Any) -> Any:
+    """Validate max_workers as the stdlib does; None gives ``default``."""
     if max_workers is None:
         return default
     if isinstance(max_workers, bool) or not isinstance(max_workers, int):
@@ -33,7 +34,7 @@ def _check_common(initializer: Any, max_tasks_per_child: Any, retries: Any) -> N
 def open_processes(address: str, *, max_workers: int | None = None, initializer: Any = None,
                    initargs: tuple[Any, ...] = (), max_tasks_per_child: int | None = None,
                    retries: int = 0, mp_context: Any = None) -> LocalPool:
-    workers = _check_workers(max_workers, os.cpu_count() or 1)
+    workers = check_workers(max_workers, os.cpu_count() or 1)
     _check_common(initializer, max_tasks_per_child, retries)
     # mp_context is accepted for compatibility: workers are always fresh interpreters.
     return LocalPool(processes=True, max_workers=workers, initializer=initializer,
@@ -43,7 +44,7 @@ def open_processes(address: str, *, max_workers: int | None = None, initializer:
 
 def open_threads(address: str, *, max_workers: int | None = None, initializer: Any = None,
                  initargs: tuple[Any, ...] = (), thread_name_prefix: str = "") -> LocalPool:
-    workers = _check_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
+    workers = check_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
     _check_common(initializer, None, 0)
     if not isinstance(thread_name_prefix, str):
         raise TypeError("thread_name_prefix must be a str")
