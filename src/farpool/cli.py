@@ -59,16 +59,126 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="farpool", description=__doc__)
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _add_security(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_argument_group("security")
+    if server:
+        g.add_argument("--key-dir", default=None,
+                       help="key directory (default: $FARPOOL_KEY_DIR or ~/.config/farpool/keys)")
+    else:
+        g.add_argument("--key-file", default=None,
+                       help="cluster key file from `farpool keygen` (default: $FARPOOL_KEY, "
+                            "else this host's key directory)")
+    g.add_argument("--insecure", action="store_true",
+                   help="no CURVE keys on tcp:// (anyone who can connect can run code!)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``farpool`` argument parser (the deployment recipes are tested against it)."""
+    parser = argparse.ArgumentParser(prog="farpool", description="farpool: concurrent.futures, "
+                                     "beyond one interpreter.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("demo", help="CPU-bound demo: serial vs stdlib vs farpool")
     p.add_argument("--address", default=None, help="backend address (default: FARPOOL_ADDRESS or processes)")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--tasks", type=int, default=64)
+    p.add_argument("--workers", type=_positive, default=None)
+    p.add_argument("--tasks", type=_positive, default=64)
     p.set_defaults(func=demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+    p = sub.add_parser("scheduler", help="run the scheduler daemon that clients and workers connect to")
+    p.add_argument("--bind", default=DEFAULT_BIND, help=f"address to serve (default {DEFAULT_BIND})")
+    p.add_argument("--heartbeat", type=_seconds, default=None,
+                   help="seconds between liveness checks (default 1; a peer is lost after 5 missed)")
+    _add_security(p, server=True)
+    p.set_defaults(func=_run_scheduler)
+
+    p = sub.add_parser("worker", help="keep worker processes attached to a scheduler")
+    p.add_argument("address", help="the scheduler's address, e.g. tcp://head:5555")
+    p.add_argument("--nprocs", type=_positive, default=None,
+                   help="worker processes to keep running (default: CPU count)")
+    p.add_argument("--max-tasks-per-child", type=_positive, default=None,
+                   help="replace a worker process after this many tasks")
+    p.add_argument("--name", default=None, help="name shown by `farpool status` (default: host:pid)")
+    p.add_argument("--heartbeat", type=_seconds, default=None, help="seconds between liveness checks")
+    _add_security(p, server=False)
+    p.set_defaults(func=_run_worker)
+
+    p = sub.add_parser("cluster", help="a scheduler and workers on this host, in the foreground")
+    p.add_argument("--workers", type=_positive, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--bind", default=DEFAULT_BIND, help=f"address to serve (default {DEFAULT_BIND})")
+    _add_security(p, server=True)
+    p.set_defaults(func=_run_cluster)
+
+    p = sub.add_parser("status", help="print a scheduler's workers, slots and task counts")
+    p.add_argument("address", help="the scheduler's address")
+    p.add_argument("--json", action="store_true", help="print the raw counters as JSON")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for an answer")
+    _add_security(p, server=False)
+    p.set_defaults(func=_run_status)
+
+    p = sub.add_parser("keygen", help="make a key file that lets another host's workers and clients in")
+    p.add_argument("--name", default="client", help="name of the key (default: client)")
+    p.add_argument("--key-dir", default=None, help="key directory (default: $FARPOOL_KEY_DIR or "
+                   "~/.config/farpool/keys)")
+    p.set_defaults(func=_run_keygen)
+    return parser
+
+
+def _run_scheduler(args: argparse.Namespace) -> int:
+    from .daemons import run_scheduler
+
+    return run_scheduler(args)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from .daemons import run_worker
+
+    return run_worker(args)
+
+
+def _run_cluster(args: argparse.Namespace) -> int:
+    from .daemons import run_cluster
+
+    return run_cluster(args)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from .daemons import run_status
+
+    return run_status(args)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from .security import keygen
+
+    path = keygen(args.key_dir, name=args.name)
+    print(f"wrote {path}\ncopy it (keep it private, mode 0600) to the other host and pass it as "
+          "--key-file PATH or in $FARPOOL_KEY")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
