@@ -1,12 +1,6 @@
-"""Keys, CURVE and the ZAP authenticator: what makes a TCP endpoint safe to unpickle from.
+"""Keys: the key directory, cluster key files, and the ssh-like checks on both.
 
-Unpickling runs code, and a plain ZeroMQ TCP socket takes bytes from anyone who can
-reach it (libzmq even accepts raw ZMTP/1.0 frames with no handshake, and on loopback
-every local user can reach it). So every network-facing farpool socket uses CURVE
-(libsodium, through libzmq) *and* an allow-list of client public keys, checked by an
-:class:`Authenticator` answering ZAP requests: knowing the server's public key is not
-enough. A refused peer is dropped in the handshake, before libzmq hands farpool a
-single frame from it::
+Where the keys live::
 
     scheduler host                                remote host (worker or client)
     $FARPOOL_KEY_DIR or ~/.config/farpool/keys    --key-file PATH, or $FARPOOL_KEY
@@ -14,12 +8,6 @@ single frame from it::
       client.key_secret  this host's client pair    client-public = ...
       authorized/*.key   allowed client keys        client-secret = ...
       issued/NAME.cluster-key ──── copied ───────▶  (written by keygen())
-
-    ROUTER  configure_server(sock, keys)    ◀─CURVE─  DEALER  configure_client(sock, ...)
-      │ ZAP request: mechanism, client public key
-      ▼
-    Authenticator thread on inproc://zeromq.zap.01: CURVE and an allowed key -> 200,
-    anything else (NULL, PLAIN, unknown key, other domain) -> 400, counted and logged
 
 Key directory (created on first use by :func:`ensure_keys`; directories 0700, files
 0600, each file written under a temporary name opened with O_EXCL and mode 0600, then
@@ -51,31 +39,20 @@ lines, ``#`` comment lines, values Z85 (which never contains ``;``, spaces or qu
 ``server-public``, the file's contents inline; inline, the three fields may also be
 separated by ``;`` (``server-public=...;client-public=...;client-secret=...``), which
 fits in an environment variable set from a container secret.
-
-Rules for callers (scheduler, worker, client): call :func:`require_curve` before
-opening a network socket; start an :class:`Authenticator` on the context *before*
-:func:`configure_server`; configure sockets before ``bind``/``connect``; close server
-sockets before stopping the authenticator. ``ipc://`` and ``inproc://`` endpoints rely
-on file-system permissions instead (:func:`requires_keys`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import re
 import secrets
 import shlex
 import stat
-import sys
-import threading
-import time
-import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple, TextIO
+from typing import NamedTuple
 
 import zmq
 from zmq.utils import z85
@@ -86,68 +63,31 @@ except ImportError:  # Windows: no flock; first use there is not guarded against
     fcntl = None  # type: ignore[assignment]
 
 from farpool.errors import SecurityError
+from farpool.security.curve import require_curve
 
 __all__ = [
-    "MIN_LIBZMQ",
-    "ZAP_DOMAIN",
-    "Authenticator",
+    "KEY_DIR_ENV",
+    "KEY_ENV",
     "ClusterKeys",
     "KeyPair",
-    "ZapVerdict",
     "client_keys",
-    "configure_client",
-    "configure_server",
     "default_key_dir",
-    "describe_handshake_failure",
     "ensure_keys",
     "format_key_file",
-    "insecure_warning",
     "keygen",
     "load_authorized",
     "load_key_file",
     "parse_key_file",
-    "require_curve",
-    "requires_keys",
-    "warn_insecure",
     "write_key_file",
-    "zap_verdict",
 ]
 
-log = logging.getLogger(__name__)
-
-#: libzmq 4.3.2 fixes CVE-2019-13132, a stack overflow any unauthenticated peer could
-#: trigger in the CURVE handshake: older versions make CURVE an attack surface.
-MIN_LIBZMQ = (4, 3, 2)
-#: The ZAP domain farpool's server sockets use; the authenticator refuses any other.
-ZAP_DOMAIN = b"farpool"
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 KEY_DIR_ENV = "FARPOOL_KEY_DIR"
 KEY_ENV = "FARPOOL_KEY"
 
-_ZAP_VERSION = b"1.0"
-_STOP = b"STOP"
 _POSIX = hasattr(os, "geteuid")  # ownership and mode bits mean nothing on Windows
 _MAX_KEY_FILE = 64 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CLUSTER_FIELDS = ("server-public", "client-public", "client-secret")
-
-
-def require_curve() -> None:
-    """Fail closed unless libzmq has CURVE and is at least 4.3.2.
-
-    Raises :class:`~farpool.errors.SecurityError` naming the libzmq version found.
-    """
-    found = tuple(zmq.zmq_version_info())
-    version = ".".join(str(part) for part in found)
-    if not zmq.has("curve"):
-        raise SecurityError(
-            f"libzmq {version} was built without CURVE (libsodium), so farpool cannot "
-            "encrypt or authenticate network sockets and refuses to open them; install a "
-            "pyzmq wheel (its bundled libzmq has CURVE) or a libzmq built with libsodium")
-    if found < MIN_LIBZMQ:
-        raise SecurityError(
-            f"libzmq {version} is older than 4.3.2: its CURVE handshake can be crashed or "
-            "hijacked by an unauthenticated peer (CVE-2019-13132); upgrade pyzmq/libzmq")
 
 
 # -- keys --------------------------------------------------------------------------------
@@ -356,313 +296,6 @@ def client_keys(key_file: str | os.PathLike[str] | None = None, *,
             f"scheduler's host and pass the file it writes with --key-file or ${KEY_ENV}")
     keys = ensure_keys(directory)
     return keys.server.public, keys.client
-
-
-# -- sockets ---------------------------------------------------------------------------------
-
-
-def configure_server(sock: zmq.Socket, keys: ClusterKeys) -> None:
-    """Make ``sock`` a CURVE server with the scheduler's keys whose peers are checked by
-    the :class:`Authenticator` running on its context. Call before ``bind``."""
-    require_curve()
-    _check_unused(sock, "configure_server")
-    if _authenticator_for(sock.context) is None:
-        # Without a ZAP handler libzmq admits any client that knows the server key.
-        raise SecurityError("no farpool Authenticator is running on this socket's context: "
-                            "start one (Authenticator(ctx, keys.authorized).start()) first")
-    if keys.server.secret is None:
-        raise SecurityError("configure_server needs the scheduler's secret key")
-    sock.curve_secretkey = keys.server.secret
-    sock.curve_publickey = keys.server.public
-    sock.curve_server = True
-    sock.zap_domain = ZAP_DOMAIN
-    # With ZAP_ENFORCE_DOMAIN, a handshake finding no ZAP handler (authenticator stopped)
-    # fails instead of being admitted. It is a draft option some libzmq builds lack;
-    # there the running-authenticator check above is the guard.
-    with contextlib.suppress(zmq.ZMQError, AttributeError):
-        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-
-
-def configure_client(sock: zmq.Socket, client: KeyPair, server_public: bytes) -> None:
-    """Make ``sock`` a CURVE client with ``client``'s keys that only talks to the server
-    holding ``server_public``'s secret. Call before ``connect``."""
-    require_curve()
-    _check_unused(sock, "configure_client")
-    if client.secret is None:
-        raise SecurityError("configure_client needs the client's secret key")
-    sock.curve_secretkey = client.secret
-    sock.curve_publickey = client.public
-    sock.curve_serverkey = _z85_key(server_public, "server public key", "configure_client")
-
-
-def requires_keys(address: str) -> bool:
-    """Whether binding ``address`` needs CURVE keys (or ``--insecure``): every transport
-    but ``ipc://`` and ``inproc://``, which file-system permissions and the process guard."""
-    return not address.startswith(("ipc://", "inproc://"))
-
-
-def insecure_warning(address: str) -> str:
-    """The warning for serving ``address`` without keys (``--insecure``)."""
-    return (
-        f"WARNING: --insecure: farpool serves {address} WITHOUT encryption or authentication.\n"
-        "Anyone who can reach that address (on loopback, every user and program on this host)\n"
-        "can send it pickles, and unpickling runs code: they can run any program on the\n"
-        "workers, as the user running them, and read every task's data. Use --insecure only\n"
-        "where you trust every host and user that can connect. Without it, farpool uses CURVE\n"
-        f"keys from {default_key_dir()} (see `farpool keygen`).\n"
-    )
-
-
-def warn_insecure(address: str, file: TextIO | None = None) -> str:
-    """Print :func:`insecure_warning` to ``file`` (default stderr) and log it; return it."""
-    text = insecure_warning(address)
-    print(text, end="", file=file if file is not None else sys.stderr, flush=True)
-    log.warning("serving %s without CURVE keys (--insecure)", address)
-    return text
-
-
-def describe_handshake_failure(event: int, value: int = 0) -> str | None:
-    """Explain a client socket's monitor event if it is a failed security handshake.
-
-    For a client or worker to turn a refusal into a clear error instead of waiting for
-    a reply that never comes; None for any other event.
-    """
-    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (f"the scheduler refused this host's key (ZAP status {value}): it is not in the "
-                "scheduler's authorized keys; on the scheduler's host, `farpool keygen` makes "
-                "a key file to use here")
-    if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-        return ("the security handshake with the scheduler failed: the server public key is "
-                "probably wrong (a key file from another scheduler?), or the scheduler runs "
-                "without keys (--insecure)")
-    return None
-
-
-# -- the authenticator -------------------------------------------------------------------------
-
-
-class ZapVerdict(NamedTuple):
-    """The answer to one ZAP request (RFC 27): status code and text, the user id given
-    to admitted peers (their Z85 public key, readable as a frame's ``User-Id``), and a
-    description for the log."""
-
-    status: bytes
-    text: bytes
-    user_id: bytes
-    detail: str
-
-    @property
-    def allowed(self) -> bool:
-        """Whether the peer is admitted."""
-        return self.status == b"200"
-
-
-def zap_verdict(frames: list[bytes], allowed: frozenset[bytes] | set[bytes],
-                domain: bytes = ZAP_DOMAIN) -> ZapVerdict:
-    """Decide one ZAP request (its frames after the REP envelope); no I/O.
-
-    Admits only CURVE peers in ``domain`` whose Z85 public key is in ``allowed``.
-    """
-    if len(frames) < 6:
-        return _refusal(f"malformed ZAP request ({len(frames)} frames)")
-    version, _request_id, req_domain, address, _routing_id, mechanism, *credentials = frames
-    peer = address.decode("ascii", "replace") or "an unknown address"
-    if version != _ZAP_VERSION:
-        return _refusal(f"from {peer}: ZAP version {version[:8]!r} is not 1.0")
-    if req_domain != domain:
-        return _refusal(f"from {peer}: ZAP domain {req_domain[:64]!r} is not {domain!r}")
-    if mechanism != b"CURVE":
-        return _refusal(f"from {peer}: mechanism {mechanism[:20].decode('ascii', 'replace')} "
-                        "is refused (CURVE only)")
-    if len(credentials) != 1 or len(credentials[0]) != 32:
-        return _refusal(f"from {peer}: malformed CURVE credentials")
-    key = z85.encode(credentials[0])
-    if key not in allowed:
-        return _refusal(f"from {peer}: CURVE key {key.decode()} is not authorized")
-    return ZapVerdict(b"200", b"OK", key, f"from {peer}: CURVE key {key.decode()} admitted")
-
-
-def _refusal(detail: str) -> ZapVerdict:
-    return ZapVerdict(b"400", b"Not authorized", b"", detail)
-
-
-# One authenticator per context: libzmq sends all of a context's ZAP requests to the one
-# socket bound on ZAP_ENDPOINT in it.
-_running: weakref.WeakKeyDictionary[zmq.Context, Authenticator] = weakref.WeakKeyDictionary()
-_running_lock = threading.Lock()
-
-
-def _authenticator_for(context: zmq.Context) -> Authenticator | None:
-    with _running_lock:
-        auth = _running.get(context)
-    return auth if auth is not None and auth.is_alive() else None
-
-
-class Authenticator:
-    """Answers the ZAP requests of one ``zmq.Context``: admits only CURVE peers whose
-    public key is allowed, refusing everything else (NULL and PLAIN included).
-
-    A thread named ``farpool-zap`` owns the ZAP socket and a control pipe; ``stop()``
-    (or terminating the context) ends it, and ``stop()`` returns once it has exited.
-    ``allow()`` swaps the allow-list at any time; ``accepted`` and ``refused`` count
-    answers, and refusals are logged (at most one line a second, with a count of the
-    rest). Use as a context manager, or ``start()``/``stop()``::
-
-        with Authenticator(ctx, keys.authorized):
-            ...  # configure_server(sock, keys); sock.bind(...)
-    """
-
-    def __init__(self, context: zmq.Context, allowed: Iterable[bytes] = (), *,
-                 domain: bytes = ZAP_DOMAIN) -> None:
-        self.context = context
-        self.domain = domain
-        self.accepted = 0
-        self.refused = 0
-        self._allowed: frozenset[bytes] = frozenset()
-        self.allow(allowed)
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._start_error: zmq.ZMQError | None = None
-        self._control = f"inproc://farpool-zap-control-{secrets.token_hex(8)}"
-        self._last_logged = float("-inf")
-        self._unlogged = 0
-
-    @property
-    def allowed(self) -> frozenset[bytes]:
-        """The Z85 public keys admitted now."""
-        return self._allowed
-
-    def allow(self, keys: Iterable[bytes]) -> None:
-        """Replace the allow-list (Z85 public keys); applies to the next handshakes."""
-        # One attribute swap: the thread reads either the old or the new set, never a mix.
-        self._allowed = frozenset(_z85_key(key, "allowed key", "Authenticator.allow") for key in keys)
-
-    def start(self, timeout: float = 5.0) -> Authenticator:
-        """Start the thread and wait (at most ``timeout`` s) until it answers ZAP."""
-        require_curve()
-        with self._lock:
-            if self._thread is not None:
-                raise RuntimeError("this Authenticator is already started")
-            with _running_lock:
-                other = _running.get(self.context)
-                if other is not None and other.is_alive():
-                    raise SecurityError("another Authenticator already runs on this context")
-                _running[self.context] = self
-            self._started.clear()
-            self._start_error = None
-            self._thread = threading.Thread(target=self._run, name="farpool-zap", daemon=True)
-            self._thread.start()
-        if not self._started.wait(timeout):
-            self.stop()
-            raise SecurityError(f"the authenticator thread did not start within {timeout} s")
-        if self._start_error is not None:
-            error = self._start_error
-            self.stop()
-            raise SecurityError(f"cannot answer ZAP on this context: {error}") from error
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and wait for it to exit; a no-op if not running."""
-        with self._lock:
-            thread, self._thread = self._thread, None
-            if thread is None:
-                return
-            try:
-                if thread.is_alive():
-                    self._signal_stop(thread, timeout)
-                thread.join(timeout)
-            finally:
-                with _running_lock:
-                    if _running.get(self.context) is self:
-                        del _running[self.context]
-            if thread.is_alive():
-                raise SecurityError(f"the authenticator thread did not stop within {timeout} s")
-
-    def is_alive(self) -> bool:
-        """Whether the thread is running."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    def __enter__(self) -> Authenticator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _signal_stop(self, thread: threading.Thread, timeout: float) -> None:
-        try:
-            pipe = self.context.socket(zmq.PAIR)
-        except zmq.ZMQError:
-            return  # context terminated: the thread has seen ETERM and is leaving
-        try:
-            pipe.linger = 0
-            pipe.connect(self._control)
-            if pipe.poll(int(timeout * 1000), zmq.POLLOUT):
-                pipe.send(_STOP)
-                # Keep the pipe open until the thread has read the message: closing it
-                # with linger 0 could discard it unread.
-                thread.join(timeout)
-        finally:
-            pipe.close(linger=0)
-
-    def _run(self) -> None:
-        zap = control = None
-        try:
-            control = self.context.socket(zmq.PAIR)
-            control.linger = 0
-            control.bind(self._control)
-            zap = self.context.socket(zmq.REP)
-            zap.linger = 0
-            zap.bind(ZAP_ENDPOINT)
-        except zmq.ZMQError as error:
-            self._start_error = error
-            for sock in (zap, control):
-                if sock is not None:
-                    sock.close(linger=0)
-            self._started.set()
-            return
-        self._started.set()
-        poller = zmq.Poller()
-        poller.register(control, zmq.POLLIN)
-        poller.register(zap, zmq.POLLIN)
-        try:
-            while True:
-                ready = dict(poller.poll())
-                if control in ready and control.recv() == _STOP:
-                    return
-                if zap in ready:
-                    self._answer(zap)
-        except zmq.ContextTerminated:
-            pass  # the context is going away: release our sockets so term() can finish
-        finally:
-            zap.close(linger=0)
-            control.close(linger=0)
-
-    def _answer(self, zap: zmq.Socket) -> None:
-        frames = zap.recv_multipart()
-        try:
-            verdict = zap_verdict(frames, self._allowed, self.domain)
-        except Exception:  # a bug must not leave the handshake waiting for a reply
-            log.exception("ZAP request could not be decided; refusing it")
-            verdict = _refusal("internal error")
-        request_id = frames[1] if len(frames) > 1 else b""
-        zap.send_multipart([_ZAP_VERSION, request_id, verdict.status, verdict.text, verdict.user_id, b""])
-        if verdict.allowed:
-            self.accepted += 1
-            log.debug("ZAP %s", verdict.detail)
-            return
-        self.refused += 1
-        # Throttled: a peer hammering the port must not flood the log.
-        now = time.monotonic()
-        if now - self._last_logged < 1.0:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more refused since the last report)" if self._unlogged else ""
-        log.warning("refused a connection %s%s", verdict.detail, more)
-        self._last_logged, self._unlogged = now, 0
-
-
 # -- files and permissions ---------------------------------------------------------------------
 
 
@@ -851,10 +484,3 @@ def _unsafe(path: Path, info: os.stat_result, fix: int, why: str) -> SecurityErr
     mode = stat.S_IMODE(info.st_mode)
     return SecurityError(f"unsafe permissions on {path}: mode {mode:04o} {why}; farpool refuses "
                          f"it, as ssh does. Fix: chmod {fix:o} {shlex.quote(str(path))}")
-
-
-def _check_unused(sock: zmq.Socket, caller: str) -> None:
-    # libzmq copies security options into an endpoint when it binds or connects, so
-    # settings made afterwards would silently leave that endpoint unprotected.
-    if sock.getsockopt(zmq.LAST_ENDPOINT):
-        raise SecurityError(f"{caller}() must come before the socket binds or connects")
