@@ -177,3 +177,31 @@ class Dispatcher:
 
     def in_flight(self) -> int:
         return sum(len(w.held) for w in self.workers.values())
+
+
+def sort_lost(held: list[Task], running: int | None,
+              done: int | None) -> tuple[list[Task], list[Task], list[Task]]:
+    """Sort the tasks a dead worker held (in the order it runs them) into
+    ``(running, unreported, unstarted)``: the one it was running, those it finished
+    without reporting, and those it never began, which may safely run elsewhere.
+
+    ``running`` and ``done`` are ids from the worker's state record. When there is no
+    record (a whole host vanished), the first held task counts as running.
+    """
+    if running is None and done is None:
+        return held[:1], [], held[1:]
+    ran: list[Task] = []
+    unreported: list[Task] = []
+    unstarted: list[Task] = []
+    # Tasks before `done` (in run order) finished but their results died with the worker.
+    past_done = done is None
+    for task in held:
+        if task.task_id == running:
+            ran.append(task)
+            past_done = True
+        elif not past_done:
+            unreported.append(task)
+            past_done = task.task_id == done
+        else:
+            unstarted.append(task)
+    return ran, unreported, unstarted

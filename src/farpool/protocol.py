@@ -22,6 +22,8 @@ Bodies by kind (typed records below):
     BYE        [reason]               an orderly goodbye (worker retiring, client done)
     STATUS     []                     ask a scheduler for its counters
     STATUS_REPLY [info]               the counters
+    LOST       [info]                 supervisor -> scheduler: one of its worker
+                                      processes died (worker id, how, running/done ids)
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Kind(enum.IntEnum):
     BYE = 8
     STATUS = 9
     STATUS_REPLY = 10
+    LOST = 11
 
 
 class Status(enum.IntEnum):
@@ -62,6 +65,7 @@ class Status(enum.IntEnum):
     ERROR = 1  # payload: pickled (exception, formatted traceback)
     LOST = 2  # payload: utf-8 message; the worker died under the task
     REJECTED = 3  # payload: utf-8 message; the scheduler refused the task
+    CANCELLED = 4  # no payload; the scheduler dropped the queued task when asked
 
 
 class TaskEntry(NamedTuple):
@@ -222,6 +226,7 @@ _VALIDATORS = {
     Kind.BYE: _check_reason,
     Kind.STATUS: _check_empty,
     Kind.STATUS_REPLY: _check_info,
+    Kind.LOST: _check_info,
 }
 
 
@@ -240,9 +245,17 @@ def version_info() -> dict[str, str]:
 
 
 def version_conflicts(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """Human-readable differences that make payloads unreadable; empty if compatible."""
+    """Human-readable differences that make payloads unreadable; empty if compatible.
+
+    farpool and cloudpickle are compared on major.minor (patch releases keep the
+    pickle format), Python on its minor version (bytecode in pickled functions)."""
     problems = []
     for key in ("protocol", "farpool", "python", "cloudpickle"):
-        if str(theirs.get(key)) != str(ours.get(key)):
-            problems.append(f"{key} {theirs.get(key)} (peer) vs {ours.get(key)} (here)")
+        mine, other = str(ours.get(key)), str(theirs.get(key))
+        if _release(mine) != _release(other):
+            problems.append(f"{key} {other} (peer) vs {mine} (here)")
     return problems
+
+
+def _release(version: str) -> str:
+    return ".".join(version.split(".")[:2])

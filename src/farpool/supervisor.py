@@ -87,8 +87,12 @@ def describe_exit(returncode: int | None) -> str:
 
 def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
                  initializer: Any = None, initargs: tuple[Any, ...] = (),
-                 max_tasks: int | None = None, init_blob: bytes | None = None) -> WorkerProcess:
-    """Start one worker process that connects to ``address`` as ``worker_id``."""
+                 max_tasks: int | None = None, init_blob: bytes | None = None,
+                 extra: dict[str, Any] | None = None) -> WorkerProcess:
+    """Start one worker process that connects to ``address`` as ``worker_id``.
+
+    ``extra`` adds to the worker's configuration (a daemon's worker: "network" for
+    keys and heartbeats, "hello" for what its HELLO says)."""
     state_path = os.path.join(runtime_dir, f"{worker_id.decode()}.state")
     with open(state_path, "wb") as f:
         f.write(b"\0" * STATE.size)
@@ -107,6 +111,7 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         "sys_path": [p for p in sys.path if p],
         "initializer": init_blob,
         "max_tasks": max_tasks,
+        **(extra or {}),
     }
     try:
         proc = subprocess.Popen(

@@ -155,6 +155,9 @@ class WorkerLoop:
             elif msg.kind is Kind.BYE:
                 self.stop_reason = msg.body[0] or "asked to stop"
                 return
+            elif msg.kind is Kind.REFUSE:  # a scheduler turned this worker away
+                self.stop_reason = f"refused: {msg.body[0]}"
+                return
 
     def run_one(self) -> None:
         # The next task may be long: never hold a finished result back behind it.
@@ -233,6 +236,8 @@ def _process_main() -> int:
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 2000
     sock.identity = config["worker_id"]
+    if config.get("network"):
+        _secure_network_socket(sock, config["network"])
     sock.connect(config["address"])
     try:
         initializer, initargs = pickle.loads(config["initializer"])
@@ -244,13 +249,32 @@ def _process_main() -> int:
         sock.close()
         ctx.term()
         return 3
-    hello(sock, {"pid": os.getpid(), "slots": 1, **protocol.version_info()})
+    hello(sock, {"pid": os.getpid(), "slots": 1, **protocol.version_info(), **config.get("hello", {})})
     loop = WorkerLoop(sock, PickledCalls(), max_tasks=config.get("max_tasks"), state=state)
     reason = loop.run()
+    if reason.startswith("refused"):
+        print(f"farpool worker: the scheduler {reason}", file=sys.stderr, flush=True)
+        sock.close(0)
+        ctx.term()
+        return 2
     sock.send_multipart(protocol.encode(Kind.BYE, [reason]))
     sock.close()
     ctx.term()
     return 0
+
+
+def _secure_network_socket(sock: zmq.Socket, network: dict[str, Any]) -> None:
+    """A daemon's worker talks to a scheduler over the network: CURVE keys when the
+    supervisor has them, ZMTP heartbeats, and a bound on message size."""
+    if network.get("curve"):
+        from .security import KeyPair, configure_client
+
+        server_public, public, secret = network["curve"]
+        configure_client(sock, KeyPair(public, secret), server_public)
+    ms = int(network.get("heartbeat", 1.0) * 1000)
+    sock.heartbeat_ivl = ms
+    sock.heartbeat_timeout = ms * 5
+    sock.maxmsgsize = network.get("max_message_bytes", protocol.DEFAULT_MAX_MESSAGE_BYTES)
 
 
 def _fail_initializer(tb: str) -> None:

@@ -1,0 +1,528 @@
+"""The scheduler: a broker between client programs and worker processes.
+
+It routes on msgpack headers alone and never unpickles a payload::
+
+    clients (DEALER)      --HELLO, TASKS, CANCEL, HEARTBEAT, BYE-->
+                          <--WELCOME, RESULTS, HEARTBEAT-----------   ROUTER  (CURVE + ZAP on tcp)
+    worker processes      <--TASKS (function blob once per worker)--
+      (DEALER)            --HELLO, RESULTS, BYE------------------->
+    supervisors           --HELLO, HEARTBEAT, LOST, BYE----------->
+      (`farpool worker`)  <--WELCOME, HEARTBEAT, BYE---------------
+
+- Clients are served fairly: one queue per client, taken in turn (``Dispatcher``).
+- Workers get tasks by credit (free slots plus a prefetch sized by measured task
+  time), so a slow task never has others queued behind it while a worker is idle.
+- Liveness: clients and supervisors send HEARTBEATs and are echoed; one silent for
+  ``liveness`` intervals is lost. A client lost has its queued tasks dropped. A
+  supervisor lost takes its workers with it: the task each was running fails with
+  Status.LOST (or is retried, if the client asked), tasks they never began requeue.
+  Worker processes send nothing while they run a long task, so their supervisor
+  watches them and reports a death (LOST, with the state record saying which task).
+- A peer this scheduler does not know (it restarted, or declared the peer lost) is
+  told ``BYE reconnect``: it says HELLO again and resubmits.
+- Malformed frames are counted, logged (rate-limited) and dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .dispatch import Dispatcher, Task, sort_lost
+from .protocol import Kind, Status
+from .serialize import FN_CACHE_SIZE, SentFunctions
+
+log = logging.getLogger("farpool.scheduler")
+
+DEFAULT_HEARTBEAT = 1.0
+DEFAULT_LIVENESS = 5  # missed heartbeats before a peer is lost
+RECONNECT = "reconnect"  # BYE reason telling an unknown peer to say HELLO again
+RELOAD_KEYS_SECONDS = 5.0
+MAX_SLOTS = 1024
+
+
+class ClientFunctions:
+    """The function blobs one client sent, mirroring its ``SentFunctions``: same
+    capacity and same order of use, so both sides agree on what is held."""
+
+    def __init__(self, capacity: int = FN_CACHE_SIZE) -> None:
+        self._blobs: OrderedDict[bytes, Any] = OrderedDict()
+        self._capacity = capacity
+
+    def put(self, key: bytes, blob: Any) -> None:
+        self._blobs[key] = blob
+        self._blobs.move_to_end(key)
+        if len(self._blobs) > self._capacity:
+            self._blobs.popitem(last=False)
+
+    def get(self, key: bytes) -> Any | None:
+        blob = self._blobs.get(key)
+        if blob is not None:
+            self._blobs.move_to_end(key)
+        return blob
+
+
+@dataclass(eq=False)
+class Peer:
+    identity: bytes
+    role: str
+    info: dict[str, Any]
+    last_seen: float = field(default_factory=time.monotonic)
+    # clients
+    epoch: int = 0
+    retries: int = 0
+    fns: ClientFunctions = field(default_factory=ClientFunctions)
+    tasks: dict[int, Task] = field(default_factory=dict)  # client task id -> task
+    # workers: their supervisor's identity; supervisors: their workers
+    supervisor: bytes = b""
+    workers: set[bytes] = field(default_factory=set)
+    retiring: bool = False
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.identity.hex())
+
+
+class Scheduler:
+    """One scheduler on ``address``. ``run()`` serves until ``stop()`` is called (from
+    any thread or a signal handler); ``close()`` frees the sockets.
+
+    ``keys`` (a ``security.ClusterKeys``) makes the socket a CURVE server whose
+    clients must hold an authorized key; without keys, ``address`` must be ``ipc://``
+    or the caller has chosen ``--insecure``.
+    """
+
+    def __init__(self, address: str, *, keys: Any = None, heartbeat: float = DEFAULT_HEARTBEAT,
+                 liveness: int = DEFAULT_LIVENESS,
+                 max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.keys = keys
+        self.session = secrets.token_hex(8)
+        self.started = time.time()
+        self.dispatcher = Dispatcher()
+        self.peers: dict[bytes, Peer] = {}
+        self.worker_fns: dict[bytes, SentFunctions] = {}
+        self.task_ids = itertools.count(1)
+        self.counters: dict[str, int] = defaultdict(int)
+        self._stop = threading.Event()
+        self._last_log = 0.0
+        self._suppressed = 0
+        self._keys_loaded = time.monotonic()
+
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.router = self.ctx.socket(zmq.ROUTER)
+        router = self.router
+        router.linger = 0
+        router.router_mandatory = True  # a send to a vanished peer raises, never drops silently
+        router.sndhwm = 0  # credit bounds what goes to workers; never drop a result
+        router.rcvhwm = 0
+        router.maxmsgsize = max_message_bytes
+        ms = int(heartbeat * 1000)
+        router.heartbeat_ivl = ms
+        router.heartbeat_timeout = ms * liveness
+        try:
+            if keys is not None:
+                from .security import Authenticator, configure_server
+
+                self.auth = Authenticator(self.ctx, keys.authorized).start()
+                configure_server(router, keys)
+            router.bind(address)
+        except BaseException:
+            self.close()
+            raise
+        self.address = router.last_endpoint.decode()
+        if self.address.startswith("tcp://0.0.0.0:"):
+            self.address = self.address.replace("0.0.0.0", socket.gethostname(), 1)
+        self.handlers = {
+            Kind.HELLO: self.on_hello,
+            Kind.TASKS: self.on_tasks,
+            Kind.RESULTS: self.on_results,
+            Kind.CANCEL: self.on_cancel,
+            Kind.HEARTBEAT: self.on_heartbeat,
+            Kind.BYE: self.on_bye,
+            Kind.LOST: self.on_lost,
+            Kind.STATUS: self.on_status,
+        }
+
+    # -- control -------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self.router is not None:
+            self.router.close(0)
+            self.router = None  # type: ignore[assignment]
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.ctx.term()
+
+    def run(self) -> None:
+        """Serve until ``stop()``."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        next_check = time.monotonic() + self.heartbeat
+        while not self._stop.is_set():
+            if poller.poll(100):
+                self.receive()
+                self.dispatch()
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.heartbeat
+                self.check_liveness(now)
+                self.reload_keys(now)
+                self.dispatch()
+
+    # -- input ---------------------------------------------------------------------
+    def receive(self) -> None:
+        router = self.router
+        for _ in range(1000):  # then dispatch, so a flood of input cannot starve output
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            try:
+                msg = protocol.decode(frames[1:])
+            except protocol.ProtocolError as exc:
+                self.dropped(identity, str(exc))
+                continue
+            peer = self.peers.get(identity)
+            if peer is not None:
+                peer.last_seen = time.monotonic()
+            elif msg.kind not in (Kind.HELLO, Kind.STATUS):
+                self.counters["unknown"] += 1
+                if msg.kind not in (Kind.BYE, Kind.LOST):
+                    self.send(identity, protocol.encode(Kind.BYE, [RECONNECT]))
+                continue
+            handler = self.handlers.get(msg.kind)
+            if handler is None:
+                self.dropped(identity, f"unexpected {msg.kind.name}")
+                continue
+            try:
+                handler(identity, peer, msg)
+            except protocol.ProtocolError as exc:
+                self.dropped(identity, str(exc))
+
+    def dropped(self, identity: bytes, why: str) -> None:
+        """Count and log (at most once a second) a message that was not understood."""
+        self.counters["malformed"] += 1
+        now = time.monotonic()
+        if now - self._last_log < 1.0:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more since)" if self._suppressed else ""
+        log.warning("dropped a malformed message from peer %s: %s%s", identity.hex(), why, more)
+        self._last_log, self._suppressed = now, 0
+
+    def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        info = msg.body[0]
+        role = info.get("role")
+        conflicts = protocol.version_conflicts(protocol.version_info(), info)
+        if conflicts:
+            self.refuse(identity, "incompatible versions: " + "; ".join(conflicts))
+            return
+        if role not in ("client", "worker", "supervisor"):
+            self.refuse(identity, f"unknown role {role!r}")
+            return
+        if peer is not None:
+            self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
+        peer = Peer(identity, role, info)
+        self.peers[identity] = peer
+        if role == "worker":
+            slots = info.get("slots", 1)
+            if type(slots) is not int or not 1 <= slots <= MAX_SLOTS:
+                raise protocol.ProtocolError(f"bad slots {slots!r} in worker HELLO")
+            sup = info.get("supervisor", b"")
+            peer.supervisor = sup if isinstance(sup, bytes) else b""
+            owner = self.peers.get(peer.supervisor)
+            if owner is not None and owner.role == "supervisor":
+                owner.workers.add(identity)
+                if owner.retiring:  # a late starter of a retiring host
+                    peer.retiring = True
+                    self.send(identity, protocol.encode(Kind.BYE, ["retiring"]))
+            slot = self.dispatcher.add_worker(identity, slots, info=info)
+            slot.retiring = peer.retiring
+            self.worker_fns[identity] = SentFunctions()
+            log.info("worker %s joined (pid %s)", identity.hex(), info.get("pid"))
+            return
+        if role == "client":
+            retries = info.get("retries", 0)
+            peer.retries = retries if type(retries) is int and retries >= 0 else 0
+        log.info("%s %s joined", role, peer.name)
+        self.send(identity, protocol.encode(Kind.WELCOME, [{
+            "session": self.session, "heartbeat": self.heartbeat, "liveness": self.liveness,
+            "hello": info.get("hello"), **protocol.version_info()}]))
+
+    def refuse(self, identity: bytes, reason: str) -> None:
+        self.counters["refused"] += 1
+        log.warning("refused peer %s: %s", identity.hex(), reason)
+        self.send(identity, protocol.encode(Kind.REFUSE, [reason]))
+
+    def on_tasks(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        if peer.role != "client":
+            raise protocol.ProtocolError(f"TASKS from a {peer.role}")
+        frames = msg.frames
+        pos = 0
+        rejected: list[tuple[int, str]] = []
+        for entry in msg.body[0]:
+            if entry.fn_frames:
+                blob = frames[pos]
+                peer.fns.put(entry.fn_key, blob)
+            else:
+                blob = peer.fns.get(entry.fn_key)
+            args = frames[pos + entry.fn_frames : pos + entry.nframes]
+            pos += entry.nframes
+            if blob is None:
+                rejected.append((entry.task_id, "the scheduler does not hold this task's function "
+                                                 "(client and scheduler caches disagree)"))
+                continue
+            old = peer.tasks.get(entry.task_id)
+            if old is not None:
+                rejected.append((entry.task_id, "task id already in use"))
+                continue
+            task = Task(next(self.task_ids), entry.fn_key, blob, args, client=identity,
+                        context=(identity, peer.epoch, entry.task_id))
+            peer.tasks[entry.task_id] = task
+            self.dispatcher.submit(task)
+        if rejected:
+            self.counters["rejected"] += len(rejected)
+            self.send(identity, protocol.encode(
+                Kind.RESULTS, [[[tid, int(Status.REJECTED), 1, 0.0] for tid, _ in rejected]],
+                [why.encode() for _, why in rejected]))
+
+    def on_results(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        if peer.role != "worker":
+            raise protocol.ProtocolError(f"RESULTS from a {peer.role}")
+        frames = msg.frames
+        pos = 0
+        out: dict[bytes, tuple[list[Any], list[Any]]] = {}
+        finished = self.dispatcher.finished
+        for entry in msg.body[0]:
+            payload = frames[pos : pos + entry.nframes]
+            pos += entry.nframes
+            task = finished(identity, entry.task_id, entry.duration)
+            if task is None:
+                continue
+            self.route(task, entry.status, payload, entry.duration, out)
+        self.send_results(out)
+
+    def route(self, task: Task, status: int, payload: list[Any], duration: float,
+              out: dict[bytes, tuple[list[Any], list[Any]]]) -> None:
+        """Add a task's outcome to the RESULTS batch for its client (if still there)."""
+        client_id, epoch, client_task = task.context
+        client = self.peers.get(client_id)
+        if client is None or client.role != "client" or client.epoch != epoch:
+            return  # the client left or reconnected: nobody waits for this
+        if client.tasks.pop(client_task, None) is None:
+            return
+        entries, frames = out.setdefault(client_id, ([], []))
+        entries.append([client_task, int(status), len(payload), duration])
+        frames.extend(payload)
+
+    def send_results(self, out: dict[bytes, tuple[list[Any], list[Any]]]) -> None:
+        for client_id, (entries, frames) in out.items():
+            self.send(client_id, protocol.encode(Kind.RESULTS, [entries], frames))
+
+    def on_cancel(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        if peer.role != "client":
+            raise protocol.ProtocolError(f"CANCEL from a {peer.role}")
+        wanted = {peer.tasks[t].task_id for t in msg.body[0] if t in peer.tasks}
+        out: dict[bytes, tuple[list[Any], list[Any]]] = {}
+        for task in self.dispatcher.cancel(identity, wanted):
+            self.route(task, Status.CANCELLED, [], 0.0, out)
+        self.send_results(out)
+
+    def on_heartbeat(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        if peer.role != "worker":
+            self.send(identity, protocol.encode(Kind.HEARTBEAT))
+
+    def on_bye(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        reason = msg.body[0]
+        if peer.role == "supervisor" and reason == "retiring":
+            # Drain the host: its workers finish what they run, then hand the rest back.
+            peer.retiring = True
+            for worker_id in list(peer.workers):
+                slot = self.dispatcher.workers.get(worker_id)
+                if slot is not None:
+                    slot.retiring = True
+                    self.send(worker_id, protocol.encode(Kind.BYE, ["retiring"]))
+            log.info("supervisor %s is retiring", peer.name)
+            return
+        self.forget(peer, f"it said goodbye ({reason})", orderly=True)
+
+    def on_lost(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        if peer.role != "supervisor":
+            raise protocol.ProtocolError(f"LOST from a {peer.role}")
+        info = msg.body[0]
+        worker_id, how = info.get("worker"), info.get("how")
+        running, done = info.get("running"), info.get("done")
+        if not isinstance(worker_id, bytes) or not isinstance(how, str):
+            raise protocol.ProtocolError("LOST needs worker (bytes) and how (str)")
+        if any(x is not None and type(x) is not int for x in (running, done)):
+            raise protocol.ProtocolError("LOST running/done are not task ids")
+        worker = self.peers.get(worker_id)
+        if worker is None or worker.role != "worker" or worker.supervisor != identity:
+            return  # already gone (it said BYE), or not this supervisor's
+        self.counters["workers_lost"] += 1
+        self.lose_worker(worker, f"worker process {worker.info.get('pid')} on {peer.name} died "
+                                 f"with {how}", running, done)
+
+    def on_status(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        self.send(identity, protocol.encode(Kind.STATUS_REPLY, [self.status()]))
+
+    def status(self) -> dict[str, Any]:
+        d = self.dispatcher
+        workers = []
+        for worker_id, slot in d.workers.items():
+            peer = self.peers.get(worker_id)
+            owner = self.peers.get(peer.supervisor) if peer else None
+            workers.append({"id": worker_id.hex(), "pid": slot.info.get("pid"),
+                            "host": owner.name if owner else "", "slots": slot.slots,
+                            "held": len(slot.held), "retiring": slot.retiring})
+        return {
+            "session": self.session, "address": self.address,
+            "uptime": round(time.time() - self.started, 1),
+            "clients": sum(p.role == "client" for p in self.peers.values()),
+            "supervisors": [{"name": p.name, "workers": len(p.workers), "retiring": p.retiring}
+                            for p in self.peers.values() if p.role == "supervisor"],
+            "workers": workers,
+            "slots": sum(s.slots for s in d.workers.values()),
+            "queued": d.queued, "running": d.in_flight(), "done": d.done,
+            **{k: v for k, v in sorted(self.counters.items())},
+        }
+
+    # -- peers leaving -------------------------------------------------------------
+    def forget(self, peer: Peer, why: str, *, orderly: bool = False) -> None:
+        """Drop a peer and everything that depends on it."""
+        if self.peers.get(peer.identity) is not peer:
+            return
+        if peer.role == "worker" and not orderly:
+            self.lose_worker(peer, f"worker process {peer.info.get('pid')} {why}", None, None)
+            return
+        del self.peers[peer.identity]
+        if peer.role == "client":
+            self.dispatcher.drop_client(peer.identity)  # queued work nobody waits for
+            peer.tasks.clear()
+            peer.epoch += 1
+        elif peer.role == "worker":
+            # A worker saying BYE answered all it ran: what it still held never started.
+            held = self.dispatcher.remove_worker(peer.identity)
+            for task in reversed(held):
+                self.dispatcher.submit(task, front=True)
+            self.worker_fns.pop(peer.identity, None)
+            owner = self.peers.get(peer.supervisor)
+            if owner is not None:
+                owner.workers.discard(peer.identity)
+        elif peer.role == "supervisor":
+            for worker_id in list(peer.workers):
+                worker = self.peers.get(worker_id)
+                if worker is not None:
+                    self.lose_worker(worker, f"the worker host {peer.name} {why}", None, None)
+        log.info("%s %s left: %s", peer.role, peer.name, why)
+
+    def lose_worker(self, worker: Peer, how: str, running: int | None, done: int | None) -> None:
+        """A worker is gone without a goodbye: fail or retry what it ran, requeue the rest."""
+        self.peers.pop(worker.identity, None)
+        self.worker_fns.pop(worker.identity, None)
+        owner = self.peers.get(worker.supervisor)
+        if owner is not None:
+            owner.workers.discard(worker.identity)
+        held = self.dispatcher.remove_worker(worker.identity)
+        ran, unreported, unstarted = sort_lost(held, running, done)
+        out: dict[bytes, tuple[list[Any], list[Any]]] = {}
+        failed = 0
+        for task in ran:
+            client = self.peers.get(task.context[0])
+            if client is not None and task.attempts < client.retries:
+                task.attempts += 1
+                unstarted.insert(0, task)
+                continue
+            failed += 1
+            self.route(task, Status.LOST, [f"{how} while running the task".encode()], 0.0, out)
+        for task in unreported:
+            failed += 1
+            self.route(task, Status.LOST, [f"{how} before it reported the result".encode()], 0.0, out)
+        for task in reversed(unstarted):
+            self.dispatcher.submit(task, front=True)
+        self.send_results(out)
+        log.warning("%s; %d task(s) failed, %d requeued", how, failed, len(unstarted))
+
+    def check_liveness(self, now: float) -> None:
+        limit = self.heartbeat * self.liveness
+        for peer in list(self.peers.values()):
+            if peer.role != "worker" and now - peer.last_seen > limit:
+                self.counters[f"{peer.role}s_timed_out"] += 1
+                self.forget(peer, f"stopped answering (no heartbeat for {limit:g} s)")
+
+    def reload_keys(self, now: float) -> None:
+        """Pick up keys added by `farpool keygen` (or removed) since start."""
+        if self.auth is None or now - self._keys_loaded < RELOAD_KEYS_SECONDS:
+            return
+        self._keys_loaded = now
+        from .security import load_authorized
+
+        try:
+            self.auth.allow(load_authorized(self.keys.key_dir))
+        except Exception as exc:  # noqa: BLE001 - keep the old list, say why
+            log.error("could not reload authorized keys: %s", exc)
+
+    # -- output --------------------------------------------------------------------
+    def dispatch(self) -> None:
+        for worker, batch in self.dispatcher.assign():
+            sent = self.worker_fns[worker.worker_id]
+            entries: list[list[Any]] = []
+            frames: list[Any] = []
+            for task in batch:
+                with_fn = sent.needs(task.fn_key)
+                entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+                if with_fn:
+                    frames.append(task.fn_blob)
+                frames.extend(task.frames)
+            self.send(worker.worker_id, protocol.encode(Kind.TASKS, [entries], frames))
+
+    def send(self, identity: bytes, msg: list[Any]) -> None:
+        try:
+            self.router.send_multipart([identity, *msg], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # The peer's connection is gone (ROUTER_MANDATORY tells us, rather than
+            # dropping the message silently).
+            peer = self.peers.get(identity)
+            if peer is not None:
+                self.forget(peer, "disconnected")
+
+
+def serve(address: str, *, keys: Any = None, heartbeat: float = DEFAULT_HEARTBEAT,
+          ready: Any = None) -> None:
+    """Run a scheduler in this thread until it is stopped; ``ready(scheduler)`` is
+    called once it is bound (for the caller to learn the address and keep a handle)."""
+    scheduler = Scheduler(address, keys=keys, heartbeat=heartbeat)
+    try:
+        if ready is not None:
+            ready(scheduler)
+        scheduler.run()
+    finally:
+        scheduler.close()
+
+
+__all__ = ["Scheduler", "serve", "DEFAULT_HEARTBEAT"]
