@@ -38,16 +38,8 @@ class RecipeError(Exception):
 
 
 def strict_parser() -> argparse.ArgumentParser:
-    """The real parser, with abbreviations refused: `--nproc 4` must not pass for `--nprocs`."""
-    parser = build_parser()
-    pending = [parser]
-    while pending:
-        p = pending.pop()
-        p.allow_abbrev = False
-        for action in p._actions:  # argparse has no public way to reach the subparsers
-            if isinstance(action, argparse._SubParsersAction):
-                pending.extend(action.choices.values())
-    return parser
+    """The real parser, which refuses abbreviations: `--nproc 4` must not pass for `--nprocs`."""
+    return build_parser()
 
 
 def parse(argv: list[str], where: str) -> argparse.Namespace:

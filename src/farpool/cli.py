@@ -91,24 +91,29 @@ def _add_security(p: argparse.ArgumentParser, *, server: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``farpool`` argument parser (the deployment recipes are tested against it)."""
-    parser = argparse.ArgumentParser(prog="farpool", description="farpool: concurrent.futures, "
-                                     "beyond one interpreter.")
+    # No abbreviated options: a shortened option in a deployed unit file would break
+    # the day a new option shares its prefix.
+    parser = argparse.ArgumentParser(prog="farpool", allow_abbrev=False,
+                                     description="farpool: concurrent.futures, beyond one interpreter.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="CPU-bound demo: serial vs stdlib vs farpool")
+    p = sub.add_parser("demo", allow_abbrev=False,
+                       help="CPU-bound demo: serial vs stdlib vs farpool")
     p.add_argument("--address", default=None, help="backend address (default: FARPOOL_ADDRESS or processes)")
     p.add_argument("--workers", type=_positive, default=None)
     p.add_argument("--tasks", type=_positive, default=64)
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("scheduler", help="run the scheduler daemon that clients and workers connect to")
+    p = sub.add_parser("scheduler", allow_abbrev=False,
+                       help="run the scheduler daemon that clients and workers connect to")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"address to serve (default {DEFAULT_BIND})")
     p.add_argument("--heartbeat", type=_seconds, default=None,
                    help="seconds between liveness checks (default 1; a peer is lost after 5 missed)")
     _add_security(p, server=True)
     p.set_defaults(func=_run_scheduler)
 
-    p = sub.add_parser("worker", help="keep worker processes attached to a scheduler")
+    p = sub.add_parser("worker", allow_abbrev=False,
+                       help="keep worker processes attached to a scheduler")
     p.add_argument("address", help="the scheduler's address, e.g. tcp://head:5555")
     p.add_argument("--nprocs", type=_positive, default=None,
                    help="worker processes to keep running (default: CPU count)")
@@ -119,20 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security(p, server=False)
     p.set_defaults(func=_run_worker)
 
-    p = sub.add_parser("cluster", help="a scheduler and workers on this host, in the foreground")
+    p = sub.add_parser("cluster", allow_abbrev=False,
+                       help="a scheduler and workers on this host, in the foreground")
     p.add_argument("--workers", type=_positive, default=None, help="worker processes (default: CPU count)")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"address to serve (default {DEFAULT_BIND})")
     _add_security(p, server=True)
     p.set_defaults(func=_run_cluster)
 
-    p = sub.add_parser("status", help="print a scheduler's workers, slots and task counts")
+    p = sub.add_parser("status", allow_abbrev=False,
+                       help="print a scheduler's workers, slots and task counts")
     p.add_argument("address", help="the scheduler's address")
     p.add_argument("--json", action="store_true", help="print the raw counters as JSON")
     p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for an answer")
     _add_security(p, server=False)
     p.set_defaults(func=_run_status)
 
-    p = sub.add_parser("keygen", help="make a key file that lets another host's workers and clients in")
+    p = sub.add_parser("keygen", allow_abbrev=False,
+                       help="make a key file that lets another host's workers and clients in")
     p.add_argument("--name", default="client", help="name of the key (default: client)")
     p.add_argument("--key-dir", default=None, help="key directory (default: $FARPOOL_KEY_DIR or "
                    "~/.config/farpool/keys)")

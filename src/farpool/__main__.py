@@ -1,0 +1,7 @@
+"""``python -m farpool``: the same as the ``farpool`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

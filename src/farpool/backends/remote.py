@@ -1,0 +1,583 @@
+"""``tcp://`` and ``ipc://``: tasks run on ``farpool worker`` daemons behind a scheduler.
+
+One I/O thread owns a DEALER socket to the scheduler (CURVE on tcp). Callers pickle
+in their own thread and hand tasks over through an inbox::
+
+    submit() --> inbox --> I/O thread --TASKS--> scheduler --> worker processes
+    Future   <-- set_result <--RESULTS--
+
+The client keeps every task until its result arrives, so a scheduler that restarts
+loses nothing: when the scheduler answers a new HELLO, every unfinished task is sent
+again. A scheduler silent for longer than ``reconnect_timeout`` (after the heartbeat
+says it is gone) fails the pending futures with ``SchedulerLost``: never a hang.
+
+Futures stay pending until their result arrives (the client cannot see when a
+remote worker starts a task), so ``Future.cancel()`` succeeds on any unfinished
+task: the scheduler drops it if still queued; a worker already holding it runs it
+and the result is thrown away. ``shutdown(cancel_futures=True)`` asks the scheduler
+which tasks are still queued and cancels exactly those, as the stdlib does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import pickle
+import secrets
+import threading
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import BrokenExecutor, Future
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from .. import protocol, serialize
+from ..errors import (
+    ProcessPoolBroken,
+    ProtocolError,
+    SchedulerLost,
+    SecurityError,
+    VersionMismatch,
+    WorkerLost,
+)
+from ..pool import _install_exit_hook, _label, _live_pools
+from ..protocol import Kind, Status
+from .local import check_workers
+
+log = logging.getLogger("farpool.remote")
+
+DEFAULT_HEARTBEAT = 1.0
+LIVENESS = 5  # missed heartbeats before the scheduler counts as gone
+MAX_BATCH = 1000  # tasks per TASKS message
+
+
+class InitializerFailed(ProcessPoolBroken):
+    """The executor's initializer raised on a worker: the executor is broken, as a
+    stdlib pool is when its initializer fails."""
+
+
+_initialized: set[bytes] = set()  # in a worker process: initializers already run
+
+
+class _Initialized:
+    """A task function that first runs its executor's initializer, once per worker
+    process (remote workers are shared, so the initializer travels with the tasks)."""
+
+    def __init__(self, init_key: bytes, init_blob: bytes, fn_blob: bytes) -> None:
+        self.init_key = init_key
+        self.init_blob = init_blob
+        self.fn_blob = fn_blob
+        self._fn: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"init_key": self.init_key, "init_blob": self.init_blob, "fn_blob": self.fn_blob}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _fn=None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.init_key not in _initialized:
+            try:
+                initializer, initargs = pickle.loads(self.init_blob)
+                initializer(*initargs)
+            except BaseException as exc:  # noqa: BLE001 - breaks the executor, like the stdlib
+                raise InitializerFailed(
+                    f"the executor's initializer failed on a worker: {exc!r}\n{traceback.format_exc()}"
+                ) from None
+            _initialized.add(self.init_key)
+        if self._fn is None:
+            self._fn = pickle.loads(self.fn_blob)
+        return self._fn(*args, **kwargs)
+
+
+class _Pending:
+    __slots__ = ("task_id", "fn_key", "fn_blob", "frames", "future", "label")
+
+    def __init__(self, task_id: int, fn_key: bytes, fn_blob: bytes, frames: list[Any],
+                 future: Future, label: str) -> None:
+        self.task_id = task_id
+        self.fn_key = fn_key
+        self.fn_blob = fn_blob
+        self.frames = frames
+        self.future = future
+        self.label = label
+
+
+class RemoteBackend:
+    """The backend for ``tcp://HOST:PORT`` and ``ipc:///PATH`` scheduler addresses.
+
+    Options: ``retries`` (rerun a task whose worker died, up to N times),
+    ``key_file`` (cluster key file; default ``$FARPOOL_KEY`` or this host's keys),
+    ``insecure`` (tcp without CURVE, to a scheduler started with ``--insecure``),
+    ``heartbeat`` (seconds), ``connect_timeout`` and ``reconnect_timeout`` (seconds).
+    ``max_workers`` is accepted for compatibility: the workers are the daemons'.
+    """
+
+    chunks = True
+
+    def __init__(self, address: str, *, max_workers: int | None = None, initializer: Any = None,
+                 initargs: tuple[Any, ...] = (), retries: int = 0, key_file: Any = None,
+                 insecure: bool = False, heartbeat: float = DEFAULT_HEARTBEAT,
+                 connect_timeout: float = 10.0, reconnect_timeout: float = 10.0,
+                 max_tasks_per_child: int | None = None, mp_context: Any = None) -> None:
+        check_workers(max_workers, None)
+        if max_tasks_per_child is not None:
+            raise ValueError("max_tasks_per_child is set on the worker daemons: "
+                             "`farpool worker ADDRESS --max-tasks-per-child N`")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+        for name, value in (("heartbeat", heartbeat), ("connect_timeout", connect_timeout),
+                            ("reconnect_timeout", reconnect_timeout)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        curve = None
+        if address.startswith("tcp://"):
+            if insecure:
+                log.warning("connecting to %s without CURVE (insecure): results are unauthenticated "
+                            "pickles", address)
+            else:
+                from ..security import client_keys
+
+                curve = client_keys(key_file)
+        elif not address.startswith("ipc://") or len(address) <= len("ipc://"):
+            raise ValueError(f"not a scheduler address: {address!r} (use tcp://HOST:PORT or ipc:///PATH)")
+        self._ids = itertools.count(1)
+        self._pickle_fn = serialize.FunctionPickler()
+        self._pickle_lock = threading.Lock()
+        self._init: tuple[bytes, bytes] | None = None
+        self._wrapped: dict[bytes, tuple[bytes, bytes]] = {}
+        if initializer is not None:
+            blob = cloudpickle.dumps((initializer, tuple(initargs)), protocol=5)
+            self._init = (hashlib.blake2b(blob, digest_size=16).digest() + secrets.token_bytes(4), blob)
+        self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
+                             reconnect_timeout=float(reconnect_timeout))
+        _install_exit_hook()
+        self._io.start(float(connect_timeout))
+        self._finalizer = weakref.finalize(self, _RemoteIO.request_close, self._io, False)
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._io.broken
+
+    @property
+    def broken_type(self) -> type[BrokenExecutor]:
+        broken = self._io.broken
+        return type(broken) if isinstance(broken, BrokenExecutor) else SchedulerLost
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+        future: Future = Future()
+        pending = self._make(fn, args, kwargs, future, None)
+        if pending is not None:
+            self._io.post([pending])
+        return future
+
+    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
+        try:
+            fn_pickle: Any = self._pickle(fn)
+        except BaseException as exc:  # noqa: BLE001 - each future carries it
+            fn_pickle = exc
+        futures, batch = [], []
+        for args in calls:
+            future: Future = Future()
+            pending = self._make(fn, args, {}, future, fn_pickle)
+            futures.append(future)
+            if pending is not None:
+                batch.append(pending)
+        if batch:
+            self._io.post(batch)
+        return futures
+
+    def _pickle(self, fn: Any) -> tuple[bytes, bytes]:
+        with self._pickle_lock:
+            key, blob = self._pickle_fn(fn)
+            if self._init is None:
+                return key, blob
+            hit = self._wrapped.get(key)
+            if hit is None:
+                init_key, init_blob = self._init
+                wrapped = pickle.dumps(_Initialized(init_key, init_blob, blob), protocol=5)
+                hit = (hashlib.blake2b(init_key + key, digest_size=16).digest(), wrapped)
+                if len(self._wrapped) > 1024:
+                    self._wrapped.clear()
+                self._wrapped[key] = hit
+            return hit
+
+    def _make(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
+              fn_pickle: Any) -> _Pending | None:
+        broken = self._io.broken
+        if broken is not None:
+            raise self.broken_type(str(broken))
+        try:
+            if fn_pickle is None:
+                fn_pickle = self._pickle(fn)
+            elif isinstance(fn_pickle, BaseException):
+                raise fn_pickle
+            key, blob = fn_pickle
+            frames = serialize.dumps_args(args, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
+            future.set_exception(exc)
+            return None
+        return _Pending(next(self._ids), key, blob, frames, future, _label(fn))
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        self._io.request_close(cancel_futures)
+        if wait:
+            self._io.join()
+
+    def stats(self) -> dict[str, Any]:
+        return {"unfinished": len(self._io.unfinished), "connected": self._io.welcomed}
+
+
+class _RemoteIO:
+    """The I/O thread's state: the socket, the unfinished tasks, reconnection."""
+
+    def __init__(self, address: str, *, curve: Any, retries: int, heartbeat: float,
+                 reconnect_timeout: float) -> None:
+        self.address = address
+        self.retries = retries
+        self.heartbeat = heartbeat
+        self.reconnect_timeout = reconnect_timeout
+        self.broken: BaseException | None = None
+        self.inbox: deque[_Pending] = deque()
+        self.cancels: deque[int] = deque()
+        self.unfinished: dict[int, _Pending] = {}
+        self.sent_fns = serialize.SentFunctions()
+        self.welcomed = False
+        self.ever_welcomed = False
+        self.hello_seq = 0
+        self.lost_since: float | None = None
+        self.last_heard = time.monotonic()
+        self.closing = False
+        self.cancel_pending = False
+        self.connect_error: BaseException | None = None
+        self.connected = threading.Event()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.wake_pending = False
+
+        self.ctx = zmq.Context()
+        sock = self.sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 1000
+        sock.identity = b"c" + secrets.token_hex(8).encode()
+        sock.sndhwm = sock.rcvhwm = 0
+        sock.maxmsgsize = protocol.DEFAULT_MAX_MESSAGE_BYTES
+        ms = int(heartbeat * 1000)
+        sock.heartbeat_ivl = ms
+        sock.heartbeat_timeout = ms * LIVENESS
+        self.monitor = None
+        if curve is not None:
+            from ..security import configure_client
+
+            server_public, pair = curve
+            configure_client(sock, pair, server_public)
+            self.monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        sock.connect(address)
+        self.thread = threading.Thread(target=self.run, name="farpool-remote-io", daemon=True)
+
+    # -- caller side ---------------------------------------------------------------
+    def start(self, connect_timeout: float) -> None:
+        self.thread.start()
+        if not self.connected.wait(connect_timeout):
+            self.connect_error = SchedulerLost(
+                f"no farpool scheduler answered at {self.address} within {connect_timeout:g} s "
+                "(is `farpool scheduler` running there, and the address right?)")
+        if self.connect_error is not None:
+            self.request_close(True)
+            self.join()
+            raise self.connect_error
+        _live_pools.add(self)  # type: ignore[arg-type]  # let queued work finish at exit
+
+    def post(self, tasks: list[_Pending]) -> None:
+        if self.closing:
+            for task in tasks:
+                task.future.cancel()
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        for task in tasks:
+            task.future.add_done_callback(self._on_done(task.task_id))
+        self.inbox.extend(tasks)
+        self.wake()
+
+    def _on_done(self, task_id: int) -> Callable[[Future], None]:
+        def on_done(future: Future) -> None:
+            if future.cancelled():
+                # Nothing else will move it on: wake wait() and as_completed() now,
+                # then let the I/O thread tell the scheduler.
+                future.set_running_or_notify_cancel()
+                self.cancels.append(task_id)
+                self.wake()
+        return on_done
+
+    def wake(self) -> None:
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:
+                pass
+
+    def request_close(self, cancel: bool) -> None:
+        if cancel:
+            self.cancel_pending = True
+        self.closing = True
+        self.wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        if threading.current_thread() is not self.thread and self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # -- I/O thread ----------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.loop()
+        except BaseException as exc:  # noqa: BLE001 - never leave a future hanging
+            traceback.print_exc()
+            self.break_with(SchedulerLost(f"the farpool I/O thread failed: {exc!r}"))
+        finally:
+            self.connected.set()
+            self.cleanup()
+
+    def loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
+        self.hello()
+        next_beat = time.monotonic() + self.heartbeat
+        timeout = max(10, int(self.heartbeat * 500))
+        while True:
+            events = dict(poller.poll(timeout))
+            if self.monitor is not None and self.monitor in events:
+                self.on_monitor()
+            self.take_inbox()
+            self.receive()
+            if self.connect_error is not None:
+                return
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.heartbeat
+                self.tick(now)
+            if self.closing and (self.broken is not None or not self.ever_welcomed
+                                 or (not self.inbox and not self.unfinished)):
+                return
+
+    def tick(self, now: float) -> None:
+        """Heartbeats out; notice a silent scheduler; give up after the reconnect window."""
+        if self.welcomed:
+            if now - self.last_heard > self.heartbeat * LIVENESS:
+                log.warning("the scheduler at %s stopped answering; waiting for it to return",
+                            self.address)
+                self.welcomed = False
+                self.lost_since = now
+            else:
+                self.send(protocol.encode(Kind.HEARTBEAT))
+                return
+        if not self.ever_welcomed:
+            self.hello()
+            return
+        since = self.lost_since if self.lost_since is not None else now
+        if now - since > self.reconnect_timeout:
+            self.break_with(SchedulerLost(
+                f"the scheduler at {self.address} has not answered for "
+                f"{now - since + self.heartbeat * LIVENESS:.0f} s; this task may or may not have run"))
+        else:
+            self.hello()
+
+    def hello(self) -> None:
+        self.hello_seq += 1
+        self.send(protocol.encode(Kind.HELLO, [{
+            "role": "client", "retries": self.retries, "hello": self.hello_seq, "pid": os.getpid(),
+            **protocol.version_info()}]))
+
+    def on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        from ..security import describe_handshake_failure
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            why = describe_handshake_failure(event["event"], event["value"])
+            if why is not None and not self.ever_welcomed:
+                self.connect_error = SecurityError(f"{self.address}: {why}")
+                self.connected.set()
+
+    def take_inbox(self) -> None:
+        self.wake_pending = False
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        batch = []
+        inbox = self.inbox
+        while inbox:
+            task = inbox.popleft()
+            if task.future.cancelled():
+                continue
+            if self.broken is not None:
+                self.fail(task, SchedulerLost(str(self.broken)))
+                continue
+            self.unfinished[task.task_id] = task
+            batch.append(task)
+        if batch and self.welcomed:
+            self.send_tasks(batch)
+        cancels = []
+        while self.cancels:
+            task = self.unfinished.pop(self.cancels.popleft(), None)
+            if task is not None:
+                cancels.append(task.task_id)
+        if self.cancel_pending:
+            self.cancel_pending = False
+            cancels.extend(self.unfinished)
+        if cancels and self.welcomed:
+            self.send(protocol.encode(Kind.CANCEL, [cancels]))
+
+    def send_tasks(self, tasks: list[_Pending]) -> None:
+        needs = self.sent_fns.needs
+        for start in range(0, len(tasks), MAX_BATCH):
+            entries: list[list[Any]] = []
+            frames: list[Any] = []
+            for task in tasks[start : start + MAX_BATCH]:
+                with_fn = needs(task.fn_key)
+                entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+                if with_fn:
+                    frames.append(task.fn_blob)
+                frames.extend(task.frames)
+            self.send(protocol.encode(Kind.TASKS, [entries], frames))
+
+    def send(self, msg: list[Any]) -> None:
+        self.sock.send_multipart(msg, copy=False)
+
+    def receive(self) -> None:
+        sock = self.sock
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the scheduler: %s", exc)
+                continue
+            self.last_heard = time.monotonic()
+            if msg.kind is Kind.RESULTS:
+                self.on_results(msg)
+            elif msg.kind is Kind.WELCOME:
+                self.on_welcome(msg.body[0])
+            elif msg.kind is Kind.REFUSE:
+                error = VersionMismatch(f"the scheduler at {self.address} refused this client: "
+                                        f"{msg.body[0]}")
+                if not self.ever_welcomed:
+                    self.connect_error = error
+                    self.connected.set()
+                else:
+                    self.break_with(SchedulerLost(str(error)))
+            elif msg.kind is Kind.BYE:
+                # The scheduler does not know us: it restarted, or gave us up for lost.
+                if self.welcomed:
+                    self.welcomed = False
+                    self.lost_since = time.monotonic()
+                self.hello()
+
+    def on_welcome(self, info: dict[str, Any]) -> None:
+        if info.get("hello") != self.hello_seq or self.welcomed:
+            return  # the answer to an older HELLO
+        first = not self.ever_welcomed
+        self.welcomed = self.ever_welcomed = True
+        self.lost_since = None
+        self.connected.set()
+        # A (new) scheduler session knows none of our functions or tasks.
+        self.sent_fns = serialize.SentFunctions()
+        if not first and self.unfinished:
+            log.warning("reconnected to the scheduler at %s; resubmitting %d unfinished task(s)",
+                        self.address, len(self.unfinished))
+        if self.unfinished:
+            self.send_tasks(list(self.unfinished.values()))
+
+    def on_results(self, msg: protocol.Message) -> None:
+        frames = msg.frames
+        pos = 0
+        for entry in msg.body[0]:
+            payload = frames[pos : pos + entry.nframes]
+            pos += entry.nframes
+            task = self.unfinished.pop(entry.task_id, None)
+            if task is None:
+                continue  # cancelled meanwhile, or a duplicate after a resubmission
+            self.complete(task, entry.status, payload)
+
+    def complete(self, task: _Pending, status: int, payload: list[Any]) -> None:
+        future = task.future
+        if status == Status.CANCELLED:
+            future.cancel()  # its done callback wakes the waiters
+            return
+        if future.cancelled() or not future.set_running_or_notify_cancel():
+            return
+        try:
+            if status == Status.OK:
+                future.set_result(serialize.loads(payload))
+                return
+            if status == Status.ERROR:
+                exc = serialize.load_exception(payload)
+            else:
+                text = bytes(getattr(payload[0], "buffer", payload[0])).decode(errors="replace") \
+                    if payload else "no detail"
+                kind = WorkerLost if status == Status.LOST else ProtocolError
+                exc = kind(f"{text} (task {task.task_id}: {task.label})")
+        except BaseException as error:  # noqa: BLE001 - an unreadable result
+            exc = error
+        future.set_exception(exc)
+        if isinstance(exc, InitializerFailed):
+            self.break_with(exc)
+
+    def fail(self, task: _Pending, exc: BaseException) -> None:
+        future = task.future
+        if not future.done() and future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+
+    def break_with(self, exc: BaseException) -> None:
+        """Nothing more can run: fail every unfinished task with ``exc``'s message."""
+        if self.broken is None:
+            self.broken = exc
+        broken_type = type(exc) if isinstance(exc, BrokenExecutor) else SchedulerLost
+        for task in list(self.unfinished.values()):
+            self.fail(task, broken_type(str(exc)))
+        self.unfinished.clear()
+        while self.inbox:
+            self.fail(self.inbox.popleft(), broken_type(str(exc)))
+
+    def cleanup(self) -> None:
+        self.closing = True
+        for task in list(self.unfinished.values()) + list(self.inbox):
+            self.fail(task, SchedulerLost("the executor was shut down before this task finished"))
+        self.unfinished.clear()
+        self.inbox.clear()
+        if self.welcomed:
+            try:
+                self.send(protocol.encode(Kind.BYE, ["done"]))
+            except zmq.ZMQError:
+                pass
+        else:
+            self.sock.linger = 0
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+        self.sock.close()
+        self.ctx.term()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        _live_pools.discard(self)  # type: ignore[arg-type]

@@ -1,0 +1,273 @@
+"""The ``farpool worker`` daemon: keeps N worker processes attached to a scheduler.
+
+The supervisor itself runs no tasks. Its worker processes (``python -m
+farpool.worker``, the same loop as the local backend's) connect to the scheduler
+directly, so a task crosses no extra hop; the supervisor::
+
+    scheduler  <--HELLO, HEARTBEAT, LOST, BYE--  supervisor (this module)
+        ^                                            |  spawn, watch (control socket
+        +-------TASKS / RESULTS------  worker processes   EOF = death), respawn
+
+- tells the scheduler at once when a worker process dies (LOST, with which task it
+  was running, read from the worker's state record), and starts another;
+- sends heartbeats, so a vanished host is noticed: the scheduler fails or retries
+  its tasks;
+- says HELLO again when the scheduler restarts (or forgot it), restarting its worker
+  processes so they join the new scheduler;
+- on ``stop()`` (SIGTERM) drains: the scheduler stops feeding its workers, each
+  finishes its running task and hands back what it had not started, then all exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from . import protocol
+from .protocol import Kind
+from .scheduler import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, RECONNECT
+from .supervisor import WorkerProcess, describe_exit, spawn_worker
+
+log = logging.getLogger("farpool.worker")
+
+DEFAULT_GRACE = 30.0  # seconds a draining worker may take to finish its task
+_NO_INITIALIZER = cloudpickle.dumps((None, ()))
+
+
+class RefusedError(Exception):
+    """The scheduler refused this host (versions differ)."""
+
+
+class Node:
+    """A supervisor of ``nprocs`` worker processes attached to the scheduler at
+    ``address``. ``curve`` is ``(server_public, client KeyPair)`` or None (ipc://,
+    or --insecure). ``run()`` returns an exit status when stopped or refused."""
+
+    def __init__(self, address: str, *, nprocs: int, max_tasks: int | None = None,
+                 name: str | None = None, heartbeat: float = DEFAULT_HEARTBEAT,
+                 curve: tuple[bytes, Any] | None = None, grace: float = DEFAULT_GRACE) -> None:
+        if nprocs < 1:
+            raise ValueError(f"nprocs must be at least 1, not {nprocs}")
+        self.address = address
+        self.nprocs = nprocs
+        self.max_tasks = max_tasks
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.heartbeat = heartbeat
+        self.grace = grace
+        self.identity = b"s" + secrets.token_hex(6).encode()
+        self.procs: dict[bytes, WorkerProcess] = {}
+        self.serial = 0
+        self.session: str | None = None  # the scheduler session we are welcomed in
+        self.welcomed = False
+        self.last_heard = time.monotonic()
+        self.stop_requested = threading.Event()
+        self.draining_until: float | None = None
+        self.quick_deaths = 0
+        self.respawn_at = 0.0
+        self.runtime_dir = tempfile.mkdtemp(prefix="farpool-worker-")
+        network: dict[str, Any] = {"heartbeat": heartbeat}
+        if curve is not None:
+            server_public, pair = curve
+            network["curve"] = (server_public, pair.public, pair.secret)
+        self.worker_config = {
+            "network": network,
+            "hello": {"role": "worker", "supervisor": self.identity, "host": self.name},
+        }
+
+        self.ctx = zmq.Context()
+        self.up = self.ctx.socket(zmq.DEALER)
+        up = self.up
+        up.linger = 1000
+        up.identity = self.identity
+        up.sndhwm = up.rcvhwm = 0
+        up.maxmsgsize = 1024 * 1024  # a supervisor only gets small control messages
+        ms = int(heartbeat * 1000)
+        up.heartbeat_ivl = ms
+        up.heartbeat_timeout = ms * DEFAULT_LIVENESS
+        if curve is not None:
+            from .security import configure_client
+
+            configure_client(up, curve[1], curve[0])
+        up.connect(address)
+        self.poller = zmq.Poller()
+        self.poller.register(up, zmq.POLLIN)
+
+    def stop(self) -> None:
+        """Drain and exit (safe from a signal handler or another thread)."""
+        self.stop_requested.set()
+
+    # -- main loop -----------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            return self._run()
+        except RefusedError as exc:
+            log.error("the scheduler at %s refused this worker host: %s", self.address, exc)
+            return 2
+        finally:
+            self.close()
+
+    def _run(self) -> int:
+        self.hello()
+        next_beat = time.monotonic() + self.heartbeat
+        waiting_logged = False
+        while True:
+            for what, _ in self.poller.poll(100):
+                if what is self.up:
+                    self.receive()
+                else:
+                    self.on_death(what)
+            now = time.monotonic()
+            if self.stop_requested.is_set() and self.draining_until is None:
+                self.start_draining(now)
+            if self.draining_until is not None:
+                if not self.procs or now > self.draining_until:
+                    self.finish_draining()
+                    return 0
+                continue
+            if self.welcomed and now - self.last_heard > self.heartbeat * DEFAULT_LIVENESS:
+                log.warning("the scheduler at %s stopped answering; waiting for it to come back",
+                            self.address)
+                self.welcomed = False
+            if now >= next_beat:
+                next_beat = now + self.heartbeat
+                if self.welcomed:
+                    self.send(Kind.HEARTBEAT)
+                else:
+                    if not waiting_logged and self.session is None:
+                        log.warning("waiting for the scheduler at %s", self.address)
+                        waiting_logged = True
+                    self.hello()
+            if self.welcomed and len(self.procs) < self.nprocs and now >= self.respawn_at:
+                self.spawn()
+
+    def hello(self) -> None:
+        self.send(Kind.HELLO, {"role": "supervisor", "name": self.name, "nprocs": self.nprocs,
+                               "pid": os.getpid(), **protocol.version_info()})
+
+    def send(self, kind: Kind, info: Any = None) -> None:
+        body = [] if info is None else [info]
+        self.up.send_multipart(protocol.encode(kind, body))
+
+    def receive(self) -> None:
+        while True:
+            try:
+                frames = self.up.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames)
+            except protocol.ProtocolError as exc:
+                log.warning("dropped a malformed message from the scheduler: %s", exc)
+                continue
+            self.last_heard = time.monotonic()
+            if msg.kind is Kind.WELCOME:
+                self.on_welcome(msg.body[0])
+            elif msg.kind is Kind.REFUSE:
+                raise RefusedError(msg.body[0])
+            elif msg.kind is Kind.BYE and msg.body[0] == RECONNECT:
+                # The scheduler does not know us (it restarted, or gave us up for lost).
+                self.welcomed = False
+                self.hello()
+
+    def on_welcome(self, info: dict[str, Any]) -> None:
+        if self.welcomed:
+            return  # a duplicate answer to a repeated HELLO
+        session = info.get("session")
+        if self.session is not None:
+            # Our workers belong to a scheduler that forgot them: start afresh.
+            log.warning("rejoined the scheduler at %s (session %s); restarting workers",
+                        self.address, session)
+            self.stop_all(report=False)
+        else:
+            log.info("joined the scheduler at %s with %d worker processes", self.address, self.nprocs)
+        self.session = session
+        self.welcomed = True
+
+    # -- worker processes ------------------------------------------------------------
+    def spawn(self) -> None:
+        worker_id = b"%s.w%d" % (self.identity, self.serial)
+        self.serial += 1
+        proc = spawn_worker(worker_id, self.address, self.runtime_dir, max_tasks=self.max_tasks,
+                            init_blob=_NO_INITIALIZER, extra=self.worker_config)
+        self.procs[worker_id] = proc
+        self.poller.register(proc.control, zmq.POLLIN)
+
+    def on_death(self, control: Any) -> None:
+        fd = control if isinstance(control, int) else control.fileno()
+        proc = next((p for p in self.procs.values() if p.fileno() == fd), None)
+        if proc is None:
+            return
+        self.poller.unregister(proc.control)
+        del self.procs[proc.worker_id]
+        code = proc.reap()
+        running, done = proc.running_and_done()
+        how = describe_exit(code)
+        if code != 0:
+            log.warning("worker process %d died with %s", proc.pid, how)
+        if self.welcomed:
+            # The scheduler ignores this for a worker that said goodbye first.
+            self.send(Kind.LOST, {"worker": proc.worker_id, "how": how, "running": running,
+                                  "done": done})
+        lived = time.monotonic() - proc.started
+        proc.close()
+        # A worker dying at once, again and again, is a broken environment: back off.
+        self.quick_deaths = self.quick_deaths + 1 if lived < 2.0 and code != 0 else 0
+        if self.quick_deaths >= 3:
+            delay = min(30.0, 0.5 * 2 ** (self.quick_deaths - 3))
+            log.error("worker processes keep dying at start; next try in %.1f s", delay)
+            self.respawn_at = time.monotonic() + delay
+
+    def stop_all(self, *, report: bool) -> None:
+        """End every worker process now (closing its control socket makes it exit)."""
+        for proc in list(self.procs.values()):
+            self.poller.unregister(proc.control)
+            proc.control.close()
+        deadline = time.monotonic() + 2.0
+        for worker_id, proc in list(self.procs.items()):
+            code = proc.reap(max(0.0, deadline - time.monotonic()))
+            if code is None:
+                proc.stop(time.monotonic() + 1.0)
+                code = proc.reap(1.0)
+            if report and self.welcomed:
+                running, done = proc.running_and_done()
+                self.send(Kind.LOST, {"worker": worker_id, "how": describe_exit(code),
+                                      "running": running, "done": done})
+            try:
+                proc.state.close()
+                os.unlink(proc.state_path)
+            except OSError:
+                pass
+        self.procs.clear()
+
+    # -- stopping --------------------------------------------------------------------
+    def start_draining(self, now: float) -> None:
+        if self.welcomed:
+            log.info("draining: the running tasks finish, the rest go back to the scheduler")
+            self.send(Kind.BYE, "retiring")
+            self.draining_until = now + self.grace
+        else:
+            self.draining_until = now  # no scheduler to hand work back to
+
+    def finish_draining(self) -> None:
+        if self.procs:
+            log.warning("%d worker process(es) still busy after %.0f s: stopping them",
+                        len(self.procs), self.grace)
+        self.stop_all(report=True)
+        if self.welcomed:
+            self.send(Kind.BYE, "stopped")
+
+    def close(self) -> None:
+        self.stop_all(report=False)
+        self.up.close()
+        self.ctx.term()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
