@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 import threading
 import time
 
@@ -16,7 +18,8 @@ import farpool
 # gets its address from the session fixture "<name>_cluster", which starts (once per
 # session) what the backend needs and yields the address to use.
 LOCAL_BACKENDS = ["processes", "threads", "inline"]
-CLUSTER_BACKENDS: list[str] = []
+# "tcp": farpool's own scheduler and worker daemons, on loopback with CURVE keys.
+CLUSTER_BACKENDS: list[str] = ["tcp"]
 # Dask and Ray join when installed (found without importing them, which is slow).
 CLUSTER_BACKENDS += [name for name, module in (("dask", "distributed"), ("ray", "ray"))
                      if importlib.util.find_spec(module) is not None]
@@ -84,6 +87,36 @@ def executor(address):
         yield ex
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def key_dir():
+    """A private farpool key directory for the session, used by every daemon and client
+    the tests start (through $FARPOOL_KEY_DIR), and removed at the end."""
+    path = tempfile.mkdtemp(prefix="farpool-keys-")
+    old = os.environ.get("FARPOOL_KEY_DIR")
+    os.environ["FARPOOL_KEY_DIR"] = path
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("FARPOOL_KEY_DIR", None)
+        else:
+            os.environ["FARPOOL_KEY_DIR"] = old
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tcp_cluster(key_dir, tmp_path_factory):
+    """Address of a farpool scheduler with one worker daemon (2 processes), shared by
+    the session's contract tests. Fault tests start clusters of their own."""
+    from remote_cluster import start_session_cluster
+
+    keeper = start_session_cluster(tmp_path_factory.mktemp("farpool") / "cluster.log")
+    try:
+        yield keeper.line
+    finally:
+        keeper.stop()
 
 
 # -- Dask and Ray clusters (once per session, 2 workers; see engine_clusters.py) --------

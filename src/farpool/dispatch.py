@@ -2,10 +2,11 @@
 lost worker means. The I/O loops (client, scheduler daemon, worker supervisor) feed
 it events and send what it decides.
 
-Credit: a worker may hold ``slots + prefetch`` tasks. Prefetch is zero until tasks
-have been timed, then about ``PREFETCH_WINDOW`` seconds of work, so short tasks
-stream without a round trip each, while a slow task never has others queued behind
-it on a busy worker when another worker is idle.
+Credit: a worker may hold ``slots + prefetch`` tasks. Run times are averaged per
+function; prefetch only ever takes tasks of functions measured to be short (about
+``PREFETCH_WINDOW`` seconds of work in all), so short tasks stream without a round
+trip each, while a task of a slow or never-timed function is only handed to a
+worker with a free slot: it never waits behind another task while a worker idles.
 
 Fairness: each client has its own queue, and dispatch takes from them in turn, so a
 client's 100,000-task map does not starve another client's single task.
@@ -24,6 +25,7 @@ MAX_PREFETCH = 256
 # Tasks longer than this get no prefetch at all.
 NO_PREFETCH_ABOVE = 0.005
 _EMA_WEIGHT = 0.2
+_MAX_TIMED_FUNCTIONS = 4096
 
 
 @dataclass(eq=False)
@@ -68,7 +70,8 @@ class Dispatcher:
     def __init__(self) -> None:
         self.queues: OrderedDict[Hashable, deque[Task]] = OrderedDict()
         self.workers: OrderedDict[Hashable, WorkerSlot] = OrderedDict()
-        self.task_seconds: float | None = None  # moving average of task run time
+        # Moving average of run time per function (fn_key), most recently used last.
+        self.fn_seconds: OrderedDict[bytes, float] = OrderedDict()
         self.queued = 0
         self.done = 0
 
@@ -110,8 +113,12 @@ class Dispatcher:
         if task is None:
             return None
         self.done += 1
-        ema = self.task_seconds
-        self.task_seconds = seconds if ema is None else ema + _EMA_WEIGHT * (seconds - ema)
+        times = self.fn_seconds
+        ema = times.get(task.fn_key)
+        times[task.fn_key] = seconds if ema is None else ema + _EMA_WEIGHT * (seconds - ema)
+        times.move_to_end(task.fn_key)
+        if len(times) > _MAX_TIMED_FUNCTIONS:
+            times.popitem(last=False)
         return task
 
     # -- workers -------------------------------------------------------------------
@@ -126,11 +133,20 @@ class Dispatcher:
         worker = self.workers.pop(worker_id, None)
         return list(worker.held.values()) if worker else []
 
+    def short(self, fn_key: bytes) -> bool:
+        """True if tasks of this function are known to be short enough to prefetch."""
+        ema = self.fn_seconds.get(fn_key)
+        return ema is not None and ema <= NO_PREFETCH_ABOVE
+
     def prefetch(self) -> int:
-        ema = self.task_seconds
-        if ema is None or ema > NO_PREFETCH_ABOVE:
-            return 0
-        return min(MAX_PREFETCH, int(PREFETCH_WINDOW / max(ema, 1e-7)))
+        """How many tasks a worker may hold beyond its slots, judged by the next task."""
+        for queue in self.queues.values():
+            if queue:
+                ema = self.fn_seconds.get(queue[0].fn_key)
+                if ema is None or ema > NO_PREFETCH_ABOVE:
+                    return 0
+                return min(MAX_PREFETCH, int(PREFETCH_WINDOW / max(ema, 1e-7)))
+        return 0
 
     def assign(self) -> Iterator[tuple[WorkerSlot, list[Task]]]:
         """Hand queued tasks to workers with credit; yields one batch per worker."""
@@ -141,9 +157,10 @@ class Dispatcher:
             room = worker.credit(prefetch)
             if not room:
                 continue
-            batch = self._take(room)
+            free = min(room, max(0, worker.slots - len(worker.held)))
+            batch = self._take(free, room)
             if not batch:
-                return
+                continue
             for task in batch:
                 worker.held[task.task_id] = task
             if worker.tasks_left is not None:
@@ -152,24 +169,27 @@ class Dispatcher:
             if not self.queued:
                 return
 
-    def _take(self, count: int) -> list[Task]:
-        """Up to ``count`` tasks, one client at a time in turn."""
+    def _take(self, free: int, room: int) -> list[Task]:
+        """Up to ``room`` tasks, one client at a time in turn; beyond the first ``free``
+        (the worker's idle slots) only tasks of functions known to be short."""
         batch: list[Task] = []
         queues = self.queues
-        while len(batch) < count and self.queued:
+        idle_turns = 0  # clients in a row that gave nothing: stop after a full round
+        while len(batch) < room and self.queued and idle_turns < len(queues):
             client, queue = next(iter(queues.items()))
             queues.move_to_end(client)
-            if not queue:
-                del queues[client]
-                continue
             # Take a fair share from this client before moving to the next one.
-            share = max(1, (count - len(batch)) // max(1, len(queues)))
-            taken = min(share, len(queue))
-            for _ in range(taken):
+            share = max(1, (room - len(batch)) // max(1, len(queues)))
+            taken = 0
+            while queue and taken < share and len(batch) < room:
+                if len(batch) >= free and not self.short(queue[0].fn_key):
+                    break
                 batch.append(queue.popleft())
+                taken += 1
             self.queued -= taken
             if not queue:
                 del queues[client]
+            idle_turns = 0 if taken else idle_turns + 1
         return batch
 
     def idle(self) -> bool:
