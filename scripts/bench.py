@@ -53,7 +53,7 @@ ECHO_BYTES = 100_000_000
 SLEEP_SECONDS = 0.001
 # Dask and Ray rows (native and through farpool alike) run bursts this much smaller:
 # at about a millisecond per task, full bursts would take most of the run.
-ENGINE_TASK_SCALE = 0.2
+ENGINE_TASK_SCALE = 0.1
 ENGINE_SLEEP_SCALE = 0.5
 
 
@@ -685,6 +685,7 @@ def run_group(group: Group, metrics: list[str], cfg: Config, results: Results) -
 def _run_metric(rows: list[Row], metric: str, cfg: Config, results: Results, echo_array: Any) -> None:
     repeats = cfg.latency_repeats if metric == "latency" else cfg.repeats
     budget = cfg.latency_budget if metric == "latency" else cfg.budget
+    started = time.perf_counter()
     spent = dict.fromkeys((row.name for row in rows), 0.0)
     live = []
     for row in rows:
@@ -696,8 +697,8 @@ def _run_metric(rows: list[Row], metric: str, cfg: Config, results: Results, ech
     for rep in range(repeats):
         # In turns: repeat k of every row before repeat k+1 of any.
         for row in list(live):
-            if rep > 0 and spent[row.name] > budget:
-                continue
+            if rep > 0 and spent[row.name] * (rep + 1) / rep > budget:
+                continue  # one more repeat would go over the budget
             t0 = time.perf_counter()
             try:
                 values = measure(row, metric, cfg, echo_array)
@@ -713,6 +714,7 @@ def _run_metric(rows: list[Row], metric: str, cfg: Config, results: Results, ech
         if value is not None:
             log(f"{metric}: {row.name} {_number(value * METRICS[metric].unit_scale)} "
                 f"{METRICS[metric].header.split('(')[-1].rstrip(')')}")
+    log(f"{metric}: {time.perf_counter() - started:.1f} s for {len(rows)} rows")
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -890,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = Results()
     started = time.perf_counter()
+    interrupted = False
     try:
         for group in groups:
             rows = [row for row in group.rows if row.name in only]
@@ -903,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted: cleaned up; partial results follow")
         results.notes.append("the run was interrupted: partial results")
+        interrupted = True
     results.notes.append(f"whole run: {time.perf_counter() - started:.0f} s.")
     order = [name for name in order if name in only]
     print(report(results, order, metrics, cfg, argv))
@@ -916,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": results.samples, "errors": results.errors, "skipped": results.skipped,
                 "notes": results.notes,
             }, f, indent=1)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
