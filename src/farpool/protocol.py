@@ -122,10 +122,9 @@ def decode(frames: Sequence[Any]) -> Message:
     version, kind, body = header
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    try:
-        kind = Kind(kind)
-    except (ValueError, TypeError):
-        raise ProtocolError(f"unknown message kind {kind!r}") from None
+    kind = _KINDS.get(kind) if type(kind) is int else None
+    if kind is None:
+        raise ProtocolError(f"unknown message kind {header[1]!r}")
     if not isinstance(body, list):
         raise ProtocolError(f"{kind.name} body is not a list")
     payload = list(frames[1:])
@@ -149,16 +148,17 @@ def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
     entries = []
     total = 0
     for raw in _entries(body, "TASKS"):
-        if not isinstance(raw, list) or len(raw) != 4:
+        if type(raw) is not list or len(raw) != 4:
             raise ProtocolError(f"bad task entry {raw!r:.80}")
         task_id, fn_key, fn_frames, arg_frames = raw
-        if not isinstance(fn_key, bytes) or not 0 < len(fn_key) <= 64:
+        if type(fn_key) is not bytes or not 0 < len(fn_key) <= 64:
             raise ProtocolError("task fn_key is not 1..64 bytes")
-        if fn_frames not in (0, 1) or type(fn_frames) is not int:
+        if type(fn_frames) is not int or fn_frames not in (0, 1):
             raise ProtocolError("task fn_frames is not 0 or 1")
-        entry = TaskEntry(_int(task_id, "task id"), fn_key, fn_frames, _int(arg_frames, "arg frames"))
-        total += entry.nframes
-        entries.append(entry)
+        if type(task_id) is not int or task_id < 0 or type(arg_frames) is not int or arg_frames < 0:
+            raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
+        total += fn_frames + arg_frames
+        entries.append(TaskEntry(task_id, fn_key, fn_frames, arg_frames))
     if total != nframes:
         raise ProtocolError(f"TASKS header counts {total} frames, message has {nframes}")
     return [entries]
@@ -168,16 +168,17 @@ def _check_results(body: list[Any], nframes: int) -> list[Any]:
     entries = []
     total = 0
     for raw in _entries(body, "RESULTS"):
-        if not isinstance(raw, list) or len(raw) != 4:
+        if type(raw) is not list or len(raw) != 4:
             raise ProtocolError(f"bad result entry {raw!r:.80}")
         task_id, status, count, duration = raw
-        if status not in Status.__members__.values() or type(status) is not int:
+        if type(status) is not int or status not in _STATUSES:
             raise ProtocolError(f"unknown result status {status!r}")
-        if not isinstance(duration, (int, float)):
+        if type(duration) is not float and type(duration) is not int:
             raise ProtocolError("result duration is not a number")
-        entry = ResultEntry(_int(task_id, "task id"), status, _int(count, "frames"), float(duration))
-        total += entry.nframes
-        entries.append(entry)
+        if type(task_id) is not int or task_id < 0 or type(count) is not int or count < 0:
+            raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
+        total += count
+        entries.append(ResultEntry(task_id, status, count, float(duration)))
     if total != nframes:
         raise ProtocolError(f"RESULTS header counts {total} frames, message has {nframes}")
     return [entries]
@@ -228,6 +229,10 @@ _VALIDATORS = {
     Kind.STATUS_REPLY: _check_info,
     Kind.LOST: _check_info,
 }
+
+
+_KINDS = {int(k): k for k in Kind}
+_STATUSES = frozenset(int(s) for s in Status)
 
 
 def version_info() -> dict[str, str]:

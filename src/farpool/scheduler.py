@@ -115,6 +115,8 @@ class Scheduler:
         self.worker_fns: dict[bytes, SentFunctions] = {}
         self.task_ids = itertools.count(1)
         self.counters: dict[str, int] = defaultdict(int)
+        # RESULTS waiting to go out, per client: (entries, frames).
+        self.out: dict[bytes, tuple[list[Any], list[Any]]] = {}
         self._stop = threading.Event()
         self._last_log = 0.0
         self._suppressed = 0
@@ -177,12 +179,14 @@ class Scheduler:
         while not self._stop.is_set():
             if poller.poll(100):
                 self.receive()
+                self.flush_results()
                 self.dispatch()
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + self.heartbeat
                 self.check_liveness(now)
                 self.reload_keys(now)
+                self.flush_results()
                 self.dispatch()
 
     # -- input ---------------------------------------------------------------------
@@ -310,7 +314,6 @@ class Scheduler:
             raise protocol.ProtocolError(f"RESULTS from a {peer.role}")
         frames = msg.frames
         pos = 0
-        out: dict[bytes, tuple[list[Any], list[Any]]] = {}
         finished = self.dispatcher.finished
         for entry in msg.body[0]:
             payload = frames[pos : pos + entry.nframes]
@@ -318,23 +321,23 @@ class Scheduler:
             task = finished(identity, entry.task_id, entry.duration)
             if task is None:
                 continue
-            self.route(task, entry.status, payload, entry.duration, out)
-        self.send_results(out)
+            self.route(task, entry.status, payload, entry.duration)
 
-    def route(self, task: Task, status: int, payload: list[Any], duration: float,
-              out: dict[bytes, tuple[list[Any], list[Any]]]) -> None:
-        """Add a task's outcome to the RESULTS batch for its client (if still there)."""
+    def route(self, task: Task, status: int, payload: list[Any], duration: float) -> None:
+        """Add a task's outcome to the RESULTS batch for its client (if still there);
+        ``flush_results`` sends the batches, once per pass over the input."""
         client_id, epoch, client_task = task.context
         client = self.peers.get(client_id)
         if client is None or client.role != "client" or client.epoch != epoch:
             return  # the client left or reconnected: nobody waits for this
         if client.tasks.pop(client_task, None) is None:
             return
-        entries, frames = out.setdefault(client_id, ([], []))
+        entries, frames = self.out.setdefault(client_id, ([], []))
         entries.append([client_task, int(status), len(payload), duration])
         frames.extend(payload)
 
-    def send_results(self, out: dict[bytes, tuple[list[Any], list[Any]]]) -> None:
+    def flush_results(self) -> None:
+        out, self.out = self.out, {}
         for client_id, (entries, frames) in out.items():
             self.send(client_id, protocol.encode(Kind.RESULTS, [entries], frames))
 
@@ -343,10 +346,8 @@ class Scheduler:
         if peer.role != "client":
             raise protocol.ProtocolError(f"CANCEL from a {peer.role}")
         wanted = {peer.tasks[t].task_id for t in msg.body[0] if t in peer.tasks}
-        out: dict[bytes, tuple[list[Any], list[Any]]] = {}
         for task in self.dispatcher.cancel(identity, wanted):
-            self.route(task, Status.CANCELLED, [], 0.0, out)
-        self.send_results(out)
+            self.route(task, Status.CANCELLED, [], 0.0)
 
     def on_heartbeat(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
@@ -448,7 +449,6 @@ class Scheduler:
             owner.workers.discard(worker.identity)
         held = self.dispatcher.remove_worker(worker.identity)
         ran, unreported, unstarted = sort_lost(held, running, done)
-        out: dict[bytes, tuple[list[Any], list[Any]]] = {}
         failed = 0
         for task in ran:
             client = self.peers.get(task.context[0])
@@ -457,13 +457,12 @@ class Scheduler:
                 unstarted.insert(0, task)
                 continue
             failed += 1
-            self.route(task, Status.LOST, [f"{how} while running the task".encode()], 0.0, out)
+            self.route(task, Status.LOST, [f"{how} while running the task".encode()], 0.0)
         for task in unreported:
             failed += 1
-            self.route(task, Status.LOST, [f"{how} before it reported the result".encode()], 0.0, out)
+            self.route(task, Status.LOST, [f"{how} before it reported the result".encode()], 0.0)
         for task in reversed(unstarted):
             self.dispatcher.submit(task, front=True)
-        self.send_results(out)
         log.warning("%s; %d task(s) failed, %d requeued", how, failed, len(unstarted))
 
     def check_liveness(self, now: float) -> None:

@@ -1,0 +1,69 @@
+"""The frame layout: what decode accepts, and that it refuses everything else with
+ProtocolError (which the daemons count, log and drop) rather than crashing."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from farpool import protocol
+from farpool.errors import ProtocolError, VersionMismatch
+from farpool.protocol import Kind, Status
+
+
+def test_round_trip_tasks_and_results():
+    frames = protocol.encode(Kind.TASKS, [[[7, b"k" * 16, 1, 2]]], [b"fn", b"a", b"b"])
+    msg = protocol.decode(frames)
+    assert msg.kind is Kind.TASKS
+    (entry,) = msg.body[0]
+    assert entry == protocol.TaskEntry(7, b"k" * 16, 1, 2) and entry.nframes == 3
+    assert msg.frames == [b"fn", b"a", b"b"]
+    msg = protocol.decode(protocol.encode(Kind.RESULTS, [[[7, int(Status.OK), 1, 0.5]]], [b"r"]))
+    assert msg.body[0][0] == protocol.ResultEntry(7, Status.OK, 1, 0.5)
+
+
+def head(version, kind, body):
+    return msgpack.packb([version, kind, body])
+
+
+@pytest.mark.parametrize("frames, match", [
+    ([], "empty"),
+    ([b"\xc1" + os.urandom(63)], "not msgpack"),  # 0xc1 is never valid msgpack
+    ([b"\x93\x01"], "not msgpack"),  # truncated array
+    ([head(1, 99, [])], "unknown message kind"),
+    ([head(1, "TASKS", [])], "unknown message kind"),
+    ([msgpack.packb({"a": 1})], "header is not"),
+    ([head(1, int(Kind.TASKS), [[[1, b"k", 0, 2]]]), b"only one"], "counts 2 frames"),
+    ([head(1, int(Kind.TASKS), [[[1, b"", 0, 0]]])], "fn_key"),
+    ([head(1, int(Kind.TASKS), [[[-1, b"k", 0, 0]]])], "bad task id"),
+    ([head(1, int(Kind.TASKS), [[[1, b"k", 2, 0]]])], "fn_frames"),
+    ([head(1, int(Kind.RESULTS), [[[1, 42, 0, 0.0]]])], "status"),
+    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, "slow"]]])], "duration"),
+    ([head(1, int(Kind.RESULTS), [[[1, 0, 3, 0.0]]]), b"x"], "counts 3 frames"),
+    ([head(1, int(Kind.HEARTBEAT), [1])], "empty"),
+    ([head(1, int(Kind.HELLO), ["not a map"])], "info-map"),
+    ([head(1, int(Kind.BYE), [b"bytes"])], "reason"),
+    ([head(1, int(Kind.CANCEL), [["x"]])], "task id"),
+    ([head(1, int(Kind.STATUS), []), b"extra"], "unexpected frames"),
+])
+def test_malformed_messages_raise_protocol_error(frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode(frames)
+
+
+def test_wrong_protocol_version_is_a_version_mismatch():
+    with pytest.raises(VersionMismatch, match="protocol version 999"):
+        protocol.decode([head(999, int(Kind.HELLO), [{}])])
+
+
+def test_version_conflicts_name_what_differs():
+    ours = protocol.version_info()
+    assert protocol.version_conflicts(ours, dict(ours)) == []
+    patch = dict(ours, farpool=ours["farpool"] + ".post1")  # same major.minor: compatible
+    assert protocol.version_conflicts(ours, patch) == []
+    theirs = dict(ours, python="2.7", cloudpickle="0.1.0")
+    problems = protocol.version_conflicts(ours, theirs)
+    assert any("python 2.7 (peer)" in p for p in problems)
+    assert any("cloudpickle 0.1.0 (peer)" in p for p in problems)
