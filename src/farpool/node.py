@@ -242,11 +242,7 @@ class Node:
                 running, done = proc.running_and_done()
                 self.send(Kind.LOST, {"worker": worker_id, "how": describe_exit(code),
                                       "running": running, "done": done})
-            try:
-                proc.state.close()
-                os.unlink(proc.state_path)
-            except OSError:
-                pass
+            proc.close()
         self.procs.clear()
 
     # -- stopping --------------------------------------------------------------------
