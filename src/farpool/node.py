@@ -133,6 +133,10 @@ class Node:
                 if not self.procs or now > self.draining_until:
                     self.finish_draining()
                     return 0
+                if self.welcomed and now >= next_beat:
+                    # A silent host is a lost one: its running tasks would fail.
+                    next_beat = now + self.heartbeat
+                    self.send(Kind.HEARTBEAT)
                 continue
             if self.welcomed and now - self.last_heard > self.heartbeat * DEFAULT_LIVENESS:
                 log.warning("the scheduler at %s stopped answering; waiting for it to come back",
