@@ -156,7 +156,8 @@ class Node:
 
     def hello(self) -> None:
         self.send(Kind.HELLO, {"role": "supervisor", "name": self.name, "nprocs": self.nprocs,
-                               "pid": os.getpid(), **protocol.version_info()})
+                               "pid": os.getpid(), "heartbeat": self.heartbeat,
+                               **protocol.version_info()})
 
     def send(self, kind: Kind, info: Any = None) -> None:
         body = [] if info is None else [info]

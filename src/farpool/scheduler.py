@@ -49,6 +49,7 @@ DEFAULT_LIVENESS = 5  # missed heartbeats before a peer is lost
 RECONNECT = "reconnect"  # BYE reason telling an unknown peer to say HELLO again
 RELOAD_KEYS_SECONDS = 5.0
 MAX_SLOTS = 1024
+MAX_PEER_HEARTBEAT = 60.0  # seconds; a longer one claimed in a HELLO is ignored
 
 
 class ClientFunctions:
@@ -78,6 +79,7 @@ class Peer:
     role: str
     info: dict[str, Any]
     last_seen: float = field(default_factory=time.monotonic)
+    heartbeat: float = 0.0  # seconds between the peer's heartbeats, as its HELLO said
     # clients
     epoch: int = 0
     retries: int = 0
@@ -244,6 +246,9 @@ class Scheduler:
         if peer is not None:
             self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
         peer = Peer(identity, role, info)
+        beat = info.get("heartbeat")
+        if type(beat) in (int, float) and 0 < beat <= MAX_PEER_HEARTBEAT:
+            peer.heartbeat = float(beat)
         self.peers[identity] = peer
         if role == "worker":
             slots = info.get("slots", 1)
@@ -466,8 +471,9 @@ class Scheduler:
         log.warning("%s; %d task(s) failed, %d requeued", how, failed, len(unstarted))
 
     def check_liveness(self, now: float) -> None:
-        limit = self.heartbeat * self.liveness
         for peer in list(self.peers.values()):
+            # A peer beating slower than we do is judged by its own interval.
+            limit = max(self.heartbeat, peer.heartbeat) * self.liveness
             if peer.role != "worker" and now - peer.last_seen > limit:
                 self.counters[f"{peer.role}s_timed_out"] += 1
                 self.forget(peer, f"stopped answering (no heartbeat for {limit:g} s)")

@@ -398,7 +398,7 @@ class _RemoteIO:
         self.hello_seq += 1
         self.send(protocol.encode(Kind.HELLO, [{
             "role": "client", "retries": self.retries, "hello": self.hello_seq, "pid": os.getpid(),
-            **protocol.version_info()}]))
+            "heartbeat": self.heartbeat, **protocol.version_info()}]))
 
     def on_monitor(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
