@@ -130,6 +130,11 @@ class Node:
             if self.stop_requested.is_set() and self.draining_until is None:
                 self.start_draining(now)
             if self.draining_until is not None:
+                if self.welcomed and now - self.last_heard > self.heartbeat * DEFAULT_LIVENESS:
+                    # The scheduler is gone: nobody would take back our tasks or results.
+                    log.warning("the scheduler at %s stopped answering; stopping now", self.address)
+                    self.welcomed = False
+                    self.draining_until = now
                 if not self.procs or now > self.draining_until:
                     self.finish_draining()
                     return 0
