@@ -4,6 +4,15 @@
 out-of-band buffer (NumPy arrays, large bytes), which ZeroMQ sends without copying
 and ``loads`` rebuilds without copying.
 
+Over the network (``chunked=True``: the tcp backend and daemon workers), a very large
+buffer goes as 4 MiB chunks instead, after a small layout frame
+(``b"L"`` + chunk counts; a pickle stream never starts with ``L``). ZeroMQ encrypts
+and decrypts (CURVE) and copies frame by frame, so the sender's and the receiver's
+I/O threads work on different chunks at once instead of one after the other: a 100 MB
+array echoed through a CURVE scheduler on loopback took 1.1 s instead of 2.2-3.3 s.
+The receiver joins the chunks back, a copy that costs more than it saves where
+nothing is encrypted (local ipc), so local pools send whole buffers.
+
 Functions are pickled once and named by a digest of their pickle (``fn_key``), so a
 receiver that has seen a function skips both the bytes and the unpickling.
 """
@@ -12,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import struct
 import sys
 import traceback
 import types
@@ -28,13 +38,18 @@ OUT_OF_BAND_MIN_BYTES = 64 * 1024
 # How many distinct functions a worker keeps unpickled. Sender and receiver use the
 # same size and the same access order, so they agree on what is cached.
 FN_CACHE_SIZE = 256
+# Buffers above CHUNK_MIN_BYTES travel as CHUNK_BYTES frames (see the module docstring).
+CHUNK_BYTES = 4 << 20
+CHUNK_MIN_BYTES = 2 * CHUNK_BYTES
+_LAYOUT = b"L"
 
 _SIMPLE_TYPES = frozenset({int, float, str, bool, type(None), complex})
 _EMPTY_ARGS = pickle.dumps(((), {}), protocol=5)
 
 
-def dumps(obj: Any) -> list[Any]:
-    """Pickle ``obj`` into frames: [stream, *out_of_band_buffers]."""
+def dumps(obj: Any, *, chunked: bool = False) -> list[Any]:
+    """Pickle ``obj`` into frames: [stream, *out_of_band_buffers]; with ``chunked``,
+    buffers above CHUNK_MIN_BYTES go as chunks after a layout frame."""
     buffers: list[pickle.PickleBuffer] = []
 
     def collect(buf: pickle.PickleBuffer) -> bool:
@@ -46,17 +61,26 @@ def dumps(obj: Any) -> list[Any]:
         return False
 
     stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=collect)
-    return [stream, *(b.raw() for b in buffers)]
+    views = [b.raw() for b in buffers]
+    if not chunked or not any(v.nbytes > CHUNK_MIN_BYTES for v in views):
+        return [stream, *views]
+    counts: list[int] = []
+    chunks: list[Any] = []
+    for view in views:
+        parts = [view[i : i + CHUNK_BYTES] for i in range(0, view.nbytes, CHUNK_BYTES)] or [view]
+        counts.append(len(parts))
+        chunks.extend(parts)
+    return [_LAYOUT + struct.pack(f"<{len(counts)}I", *counts), stream, *chunks]
 
 
-def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], *, chunked: bool = False) -> list[Any]:
     """Frames for a call's arguments, with a fast path for plain scalars."""
     if not kwargs:
         if not args:
             return [_EMPTY_ARGS]
         if all(type(a) in _SIMPLE_TYPES for a in args):
             return [pickle.dumps((args, kwargs), protocol=5)]
-    return dumps((args, kwargs))
+    return dumps((args, kwargs), chunked=chunked)
 
 
 def loads(frames: list[Any]) -> Any:
@@ -65,7 +89,36 @@ def loads(frames: list[Any]) -> Any:
     head = getattr(head, "buffer", head)
     if len(frames) == 1:
         return pickle.loads(head)
+    if head[:1] == _LAYOUT:
+        return _load_chunked(head, frames[1:])
     return pickle.loads(head, buffers=[getattr(f, "buffer", f) for f in frames[1:]])
+
+
+def _load_chunked(layout: Any, frames: list[Any]) -> Any:
+    """Rebuild an object whose large buffers came as chunks (see ``dumps``)."""
+    layout = bytes(layout[1:])
+    if len(layout) % 4:
+        raise ValueError("malformed chunk layout frame")
+    counts = struct.unpack(f"<{len(layout) // 4}I", layout)
+    parts = [memoryview(getattr(f, "buffer", f)) for f in frames[1:]]
+    if sum(counts) != len(parts) or 0 in counts:
+        raise ValueError(f"chunk layout counts {sum(counts)} chunks, message has {len(parts)}")
+    buffers: list[Any] = []
+    pos = 0
+    for count in counts:
+        group = parts[pos : pos + count]
+        pos += count
+        if count == 1:
+            buffers.append(group[0])
+            continue
+        joined = bytearray(sum(p.nbytes for p in group))
+        offset = 0
+        for part in group:
+            joined[offset : offset + part.nbytes] = part.cast("B")
+            offset += part.nbytes
+        buffers.append(joined)
+    stream = frames[0]
+    return pickle.loads(getattr(stream, "buffer", stream), buffers=buffers)
 
 
 def _pickles_by_reference(fn: Any) -> bool:

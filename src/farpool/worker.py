@@ -45,8 +45,9 @@ STATE = struct.Struct("<QQ")
 class PickledCalls:
     """Tasks as pickles in, results as pickles out."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, chunked: bool = False) -> None:
         self.fns = serialize.FunctionCache()
+        self.chunked = chunked  # large results in chunks (a daemon's worker: see serialize)
 
     def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
         # Cache operations happen in arrival order: the sender mirrors them.
@@ -73,7 +74,7 @@ class PickledCalls:
         except BaseException as exc:  # noqa: BLE001 - every task error goes back
             return Status.ERROR, serialize.dump_exception(exc)
         try:
-            return Status.OK, serialize.dumps(result)
+            return Status.OK, serialize.dumps(result, chunked=self.chunked)
         except BaseException as exc:  # noqa: BLE001 - an unpicklable result
             return Status.ERROR, serialize.dump_exception(exc)
 
@@ -250,7 +251,9 @@ def _process_main() -> int:
         ctx.term()
         return 3
     hello(sock, {"pid": os.getpid(), "slots": 1, **protocol.version_info(), **config.get("hello", {})})
-    loop = WorkerLoop(sock, PickledCalls(), max_tasks=config.get("max_tasks"), state=state)
+    network = config.get("network") or {}
+    calls = PickledCalls(chunked=bool(network.get("curve")))
+    loop = WorkerLoop(sock, calls, max_tasks=config.get("max_tasks"), state=state)
     reason = loop.run()
     if reason.startswith("refused"):
         print(f"farpool worker: the scheduler {reason}", file=sys.stderr, flush=True)

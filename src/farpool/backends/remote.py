@@ -150,6 +150,7 @@ class RemoteBackend:
                 curve = client_keys(key_file)
         elif not address.startswith("ipc://") or len(address) <= len("ipc://"):
             raise ValueError(f"not a scheduler address: {address!r} (use tcp://HOST:PORT or ipc:///PATH)")
+        self._chunked = address.startswith("tcp://")  # see serialize: pays off when encrypted
         self._ids = itertools.count(1)
         self._pickle_fn = serialize.FunctionPickler()
         self._pickle_lock = threading.Lock()
@@ -222,7 +223,7 @@ class RemoteBackend:
             elif isinstance(fn_pickle, BaseException):
                 raise fn_pickle
             key, blob = fn_pickle
-            frames = serialize.dumps_args(args, kwargs)
+            frames = serialize.dumps_args(args, kwargs, chunked=self._chunked)
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
