@@ -75,6 +75,15 @@ def test_kwargs_and_lambdas_and_closures(executor):
     assert executor.submit(lambda x: x + offset, 1).result(timeout=30) == 6
 
 
+def test_closure_sees_state_changed_between_submits(executor):
+    # The same function object, submitted again after what it captures changed.
+    offset, box = 1, [10]
+    fn = lambda x: x + offset + box[0]  # noqa: E731
+    assert executor.submit(fn, 0).result(timeout=30) == 11
+    offset, box[0] = 2, 20
+    assert executor.submit(fn, 0).result(timeout=30) == 22
+
+
 def test_task_exception_keeps_type_and_remote_traceback(executor, address):
     fut = executor.submit(raise_boom, "bad thing")
     with pytest.raises(Boom, match="bad thing"):

@@ -20,11 +20,13 @@ receiver that has seen a function skips both the bytes and the unpickling.
 from __future__ import annotations
 
 import hashlib
+import operator
 import pickle
 import struct
 import sys
 import traceback
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +52,9 @@ _EMPTY_ARGS = pickle.dumps(((), {}), protocol=5)
 def dumps(obj: Any, *, chunked: bool = False) -> list[Any]:
     """Pickle ``obj`` into frames: [stream, *out_of_band_buffers]; with ``chunked``,
     buffers above CHUNK_MIN_BYTES go as chunks after a layout frame."""
+    if type(obj) in _SIMPLE_TYPES:
+        # The same bytes as cloudpickle's, without setting up its pickler (~5x faster).
+        return [pickle.dumps(obj, protocol=5)]
     buffers: list[pickle.PickleBuffer] = []
 
     def collect(buf: pickle.PickleBuffer) -> bool:
@@ -140,29 +145,142 @@ def _pickles_by_reference(fn: Any) -> bool:
 
 
 class FunctionPickler:
-    """Pickles functions for the wire, reusing the pickle of importable functions.
+    """Pickles functions for the wire, reusing a pickle while it cannot have changed.
 
-    Functions pickled by value (lambdas, closures, ``__main__`` functions) are pickled
-    anew on every call, because their captured state may have changed since.
+    A function that pickles by reference (an importable name) is pickled once. One
+    pickled by value (a lambda, a closure, a ``__main__`` function) carries what it
+    captured: its pickle is reused only while everything it captures (globals it
+    names, closure cells, defaults, attributes, and the functions it calls that are
+    pickled by value too) is the very same immutable objects as when it was pickled.
+    Anything mutable in there, or anything rebound since, means a fresh pickle.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self._by_ref: OrderedDict[int, tuple[Any, bytes, bytes]] = OrderedDict()
+        self._by_value: OrderedDict[int, tuple[list[Any], bytes, bytes]] = OrderedDict()
         self._capacity = capacity
 
     def __call__(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         """Return ``(fn_key, blob)`` for ``fn``."""
-        hit = self._by_ref.get(id(fn))
+        ident = id(fn)
+        hit = self._by_ref.get(ident)
         if hit is not None and hit[0] is fn:
             return hit[1], hit[2]
+        captured = _captured(fn)
+        if captured is not None:
+            old = self._by_value.get(ident)
+            # captured[0] is fn itself, so a reused id cannot match.
+            if old is not None and _same(old[0], captured):
+                self._by_value.move_to_end(ident)
+                return old[1], old[2]
         blob = cloudpickle.dumps(fn, protocol=5)
         key = hashlib.blake2b(blob, digest_size=16).digest()
         if _pickles_by_reference(fn):
             # Holding fn keeps its id from being reused by another object.
-            self._by_ref[id(fn)] = (fn, key, blob)
-            if len(self._by_ref) > self._capacity:
-                self._by_ref.popitem(last=False)
+            self._keep(self._by_ref, ident, (fn, key, blob))
+        elif captured is not None:
+            self._keep(self._by_value, ident, (captured, key, blob))
         return key, blob
+
+    def _keep(self, cache: OrderedDict[int, Any], ident: int, entry: Any) -> None:
+        cache[ident] = entry
+        cache.move_to_end(ident)
+        if len(cache) > self._capacity:
+            cache.popitem(last=False)
+
+
+# What a by-value function's pickle depends on, for FunctionPickler.
+_IMMUTABLE_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None), range,
+                              type(Ellipsis), type(NotImplemented), types.CodeType})
+_MISSING = object()
+_END = object()  # closes a variable-length group, so groups of other sizes never line up
+_MAX_DEPTH = 4
+_global_names_cache: weakref.WeakKeyDictionary[types.CodeType, tuple[str, ...]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
+def _captured(fn: Any) -> list[Any] | None:
+    """The objects ``fn``'s pickle is made of, in a fixed order; None if any of them
+    may change in place (so the pickle may differ without any of them being rebound)."""
+    if type(fn) is not types.FunctionType:
+        return None
+    out: list[Any] = []
+    return out if _capture_function(fn, out, set(), 0) else None
+
+
+def _capture_function(fn: types.FunctionType, out: list[Any], seen: set[int], depth: int) -> bool:
+    seen.add(id(fn))
+    out += (fn, fn.__code__, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__,
+            fn.__defaults__, fn.__annotations__)
+    if fn.__defaults__ and not all(_frozen(v) for v in fn.__defaults__):
+        return False
+    for group in (fn.__kwdefaults__, fn.__dict__):
+        if group:
+            for name, value in group.items():
+                if not _frozen(value):
+                    return False
+                out += (name, value)
+        out.append(_END)
+    # Annotations are pickled too; they are compared by identity, not required immutable.
+    out += fn.__annotations__.values()
+    out.append(_END)
+    values = [_cell_value(cell) for cell in fn.__closure__ or ()]
+    names = _global_names(fn.__code__)
+    scope = fn.__globals__
+    values += [scope.get(name, _MISSING) for name in names]
+    for value in values:
+        out.append(value)
+        if value is _MISSING or _frozen(value):
+            continue
+        if type(value) is not types.FunctionType or depth >= _MAX_DEPTH:
+            return False
+        # Another by-value function (a helper it calls, or itself when recursive).
+        if id(value) not in seen and not _capture_function(value, out, seen, depth + 1):
+            return False
+    return True
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not assigned yet
+        return _MISSING
+
+
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Names a code object (and the code nested in it) may look up as globals."""
+    names = _global_names_cache.get(code)
+    if names is None:
+        found = dict.fromkeys(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                found.update(dict.fromkeys(_global_names(const)))
+        names = _global_names_cache[code] = tuple(found)
+    return names
+
+
+def _frozen(value: Any, depth: int = 0) -> bool:
+    """True if ``value`` pickles the same for as long as it is the same object."""
+    kind = type(value)
+    if kind in _IMMUTABLE_TYPES:
+        return True
+    if kind is tuple or kind is frozenset:
+        return depth < _MAX_DEPTH and len(value) <= 64 and all(_frozen(v, depth + 1) for v in value)
+    if kind is types.ModuleType:
+        # Pickled by name, unless registered to be pickled by value.
+        by_value = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+        return value.__name__ in sys.modules and value.__name__ not in by_value
+    if kind is types.BuiltinFunctionType:
+        # A builtin function, or a method bound to a module; not one bound to an object.
+        owner = getattr(value, "__self__", None)
+        return owner is None or type(owner) is types.ModuleType
+    if kind is types.FunctionType or isinstance(value, type):
+        return _pickles_by_reference(value)
+    return False
 
 
 class FunctionCache:

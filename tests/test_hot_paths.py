@@ -1,0 +1,121 @@
+"""The shortcuts on the per-task path stay correct: a function pickled by value is
+pickled again whenever what it captures may have changed, and a worker batches
+results only where no result waits behind a long task."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+from farpool import serialize
+
+LIMIT = 10
+TABLE = {"a": 1}
+
+
+def helper(x):
+    return x + LIMIT
+
+
+def uses_helper(x):
+    return helper(x) * math.pi
+
+
+def uses_table(key):
+    return TABLE[key]
+
+
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def _by_value(fn):
+    """Make a module-level function of this file pickle by value, like one in __main__."""
+    fn.__module__ = "__main__"
+    return fn
+
+
+def test_by_value_function_pickle_is_reused_while_nothing_changed():
+    pickler = serialize.FunctionPickler()
+    offset = 3
+    closure = lambda x: x + offset  # noqa: E731
+    for fn in (closure, _by_value(lambda: None)):
+        first, again = pickler(fn), pickler(fn)
+        assert first[1] is again[1]  # the very same blob: not pickled twice
+        assert first[0] == again[0]
+
+
+def test_rebound_closure_cell_is_pickled_again():
+    pickler = serialize.FunctionPickler()
+    offset = 3
+    fn = lambda x: x + offset  # noqa: E731
+    key1, blob1 = pickler(fn)
+    offset = 4  # noqa: F841 - read through the closure
+    key2, blob2 = pickler(fn)
+    assert key1 != key2
+    assert pickle.loads(blob2)(1) == 5
+
+
+def test_mutable_capture_is_never_cached():
+    pickler = serialize.FunctionPickler()
+    box = [1]
+    fn = lambda: box[0]  # noqa: E731
+    _, blob1 = pickler(fn)
+    box[0] = 2
+    _, blob2 = pickler(fn)
+    assert blob1 is not blob2
+    assert pickle.loads(blob2)() == 2
+    assert serialize._captured(fn) is None
+
+
+def test_rebound_global_of_a_helper_is_pickled_again(monkeypatch):
+    pickler = serialize.FunctionPickler()
+    fn = _by_value(_copy(uses_helper))
+    monkeypatch.setitem(fn.__globals__, "helper", _by_value(_copy(helper)))
+    key1, _ = pickler(fn)
+    assert pickler(fn)[0] == key1
+    # The helper it calls (pickled by value too) reads a global that is rebound.
+    monkeypatch.setitem(fn.__globals__, "LIMIT", 20)
+    key2, blob2 = pickler(fn)
+    assert key2 != key1
+    assert pickle.loads(blob2)(1) == (1 + 20) * math.pi
+
+
+def test_global_defined_later_is_pickled_again(monkeypatch):
+    pickler = serialize.FunctionPickler()
+    fn = _by_value(_copy(uses_helper))
+    later = _by_value(_copy(helper))
+    monkeypatch.delitem(fn.__globals__, "helper")
+    key1, _ = pickler(fn)
+    monkeypatch.setitem(fn.__globals__, "helper", later)
+    assert pickler(fn)[0] != key1
+
+
+def test_function_reading_a_mutable_global_is_never_cached():
+    fn = _by_value(_copy(uses_table))
+    assert serialize._captured(fn) is None
+
+
+def test_recursive_by_value_function_is_cached():
+    fn = _by_value(_copy(fib))
+    assert serialize._captured(fn) is not None
+
+
+def test_changed_default_or_attribute_is_pickled_again():
+    pickler = serialize.FunctionPickler()
+    fn = _by_value(lambda x=1: x)
+    key1, _ = pickler(fn)
+    fn.__defaults__ = (2,)
+    key2, blob2 = pickler(fn)
+    assert key2 != key1 and pickle.loads(blob2)() == 2
+    fn.tag = "t"
+    assert pickler(fn)[0] != key2
+    fn.tag = ["mutable"]
+    assert serialize._captured(fn) is None
+
+
+def _copy(fn):
+    """A fresh function object with fn's code and globals (so tests may change it)."""
+    clone = type(fn)(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = fn.__qualname__
+    return clone
