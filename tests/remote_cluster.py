@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from engine_clusters import Keeper, _cluster_env
-
 from farpool.daemons import query_status
 from farpool.security import client_keys
 

@@ -663,6 +663,34 @@ def test_garbage_frames_are_counted_and_dropped(shared_address):
         close(ex)
 
 
+def test_a_function_key_that_is_not_its_blobs_digest_is_rejected(shared_address):
+    """Workers share function blobs between clients by key, so a client may not name a
+    blob with another function's key: such a task comes back REJECTED, and it runs
+    nothing."""
+    import cloudpickle
+
+    blob = cloudpickle.dumps(square)
+    someone_elses_key = hashlib.blake2b(cloudpickle.dumps(pow), digest_size=16).digest()
+    args = pickle.dumps(((3,), {}))
+    ctx, sock = dealer(shared_address, keys=client_keys())
+    try:
+        sock.send_multipart(client_hello())
+        assert recv(sock).kind is Kind.WELCOME
+        sock.send_multipart(protocol.encode(Kind.TASKS, [[[1, someone_elses_key, 1, 1]]], [blob, args]))
+        msg = recv(sock)
+        assert msg is not None and msg.kind is Kind.RESULTS
+        (entry,) = msg.body[0]
+        assert entry.status == protocol.Status.REJECTED
+        assert b"digest" in msg.frames[0]
+        right_key = hashlib.blake2b(blob, digest_size=16).digest()
+        sock.send_multipart(protocol.encode(Kind.TASKS, [[[2, right_key, 1, 1]]], [blob, args]))
+        msg = recv(sock, timeout=30)
+        assert msg.body[0][0].status == protocol.Status.OK and pickle.loads(msg.frames[0]) == 9
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 # -- 7. versions -------------------------------------------------------------------------------
 
 

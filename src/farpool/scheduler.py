@@ -25,6 +25,7 @@ It routes on msgpack headers alone and never unpickles a payload::
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import secrets
@@ -50,6 +51,10 @@ RECONNECT = "reconnect"  # BYE reason telling an unknown peer to say HELLO again
 RELOAD_KEYS_SECONDS = 5.0
 MAX_SLOTS = 1024
 MAX_PEER_HEARTBEAT = 60.0  # seconds; a longer one claimed in a HELLO is ignored
+
+
+def _buffer(frame: Any) -> Any:
+    return getattr(frame, "buffer", frame)
 
 
 class ClientFunctions:
@@ -290,6 +295,13 @@ class Scheduler:
         for entry in msg.body[0]:
             if entry.fn_frames:
                 blob = frames[pos]
+                # Keys name blobs by content, so workers share them across clients; a
+                # key that is not its blob's digest would run one client's function
+                # in place of another's.
+                if hashlib.blake2b(_buffer(blob), digest_size=16).digest() != entry.fn_key:
+                    pos += entry.nframes
+                    rejected.append((entry.task_id, "the function key is not the digest of its blob"))
+                    continue
                 peer.fns.put(entry.fn_key, blob)
             else:
                 blob = peer.fns.get(entry.fn_key)

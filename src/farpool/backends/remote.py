@@ -206,7 +206,7 @@ class RemoteBackend:
             if hit is None:
                 init_key, init_blob = self._init
                 wrapped = pickle.dumps(_Initialized(init_key, init_blob, blob), protocol=5)
-                hit = (hashlib.blake2b(init_key + key, digest_size=16).digest(), wrapped)
+                hit = (hashlib.blake2b(wrapped, digest_size=16).digest(), wrapped)
                 if len(self._wrapped) > 1024:
                     self._wrapped.clear()
                 self._wrapped[key] = hit
