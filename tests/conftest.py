@@ -18,8 +18,9 @@ import farpool
 # gets its address from the session fixture "<name>_cluster", which starts (once per
 # session) what the backend needs and yields the address to use.
 LOCAL_BACKENDS = ["processes", "threads", "inline"]
-# "tcp": farpool's own scheduler and worker daemons, on loopback with CURVE keys.
-CLUSTER_BACKENDS: list[str] = ["tcp"]
+# "tcp": farpool's own scheduler and worker daemons, on loopback with CURVE keys;
+# "ipc": the same daemons on a unix socket in a private directory.
+CLUSTER_BACKENDS: list[str] = ["tcp", "ipc"]
 # Dask and Ray join when installed (found without importing them, which is slow).
 CLUSTER_BACKENDS += [name for name, module in (("dask", "distributed"), ("ray", "ray"))
                      if importlib.util.find_spec(module) is not None]
@@ -117,6 +118,21 @@ def tcp_cluster(key_dir, tmp_path_factory):
         yield keeper.line
     finally:
         keeper.stop()
+
+
+@pytest.fixture(scope="session")
+def ipc_cluster(key_dir, tmp_path_factory):
+    """The same daemons as tcp_cluster, on ``ipc://`` in a private (0700) directory."""
+    from remote_cluster import start_session_cluster
+
+    run_dir = tempfile.mkdtemp(prefix="farpool-ipc-")  # short: unix socket paths are limited
+    keeper = start_session_cluster(tmp_path_factory.mktemp("farpool-ipc") / "cluster.log",
+                                   bind=f"ipc://{run_dir}/scheduler")
+    try:
+        yield keeper.line
+    finally:
+        keeper.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # -- Dask and Ray clusters (once per session, 2 workers; see engine_clusters.py) --------

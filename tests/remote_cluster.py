@@ -109,13 +109,14 @@ import os, subprocess, sys, time
 from farpool.daemons import query_status
 from farpool.security import client_keys
 py = sys.executable
-sched = subprocess.Popen([py, "-m", "farpool", "scheduler", "--bind", "tcp://127.0.0.1:0",
+sched = subprocess.Popen([py, "-m", "farpool", "scheduler", "--bind", sys.argv[1],
                           "--heartbeat", "0.5"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
 address = sched.stdout.readline().decode().split()[-1]
 worker = subprocess.Popen([py, "-m", "farpool", "worker", address, "--nprocs", "2",
                            "--heartbeat", "0.5", "--name", "session"], stdin=subprocess.DEVNULL)
 deadline = time.monotonic() + 60
-while len(query_status(address, curve=client_keys())["workers"]) < 2:
+curve = client_keys() if address.startswith("tcp://") else None
+while len(query_status(address, curve=curve)["workers"]) < 2:
     if time.monotonic() > deadline:
         os.killpg(0, 9)
     time.sleep(0.1)
@@ -132,6 +133,6 @@ finally:
 """
 
 
-def start_session_cluster(log: Path) -> Keeper:
-    """Scheduler + 2 worker processes, detached; ``keeper.line`` is the address."""
-    return Keeper(_FARPOOL_KEEPER, [], _cluster_env(dict(os.environ)), log)
+def start_session_cluster(log: Path, bind: str = "tcp://127.0.0.1:0") -> Keeper:
+    """Scheduler on ``bind`` + 2 worker processes, detached; ``keeper.line`` is the address."""
+    return Keeper(_FARPOOL_KEEPER, [bind], _cluster_env(dict(os.environ)), log)
