@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import math
 import pickle
+import threading
+import time
 
-from farpool import serialize
+import zmq
+
+import farpool
+from farpool import protocol, serialize
+from farpool.protocol import Kind
+from farpool.worker import PickledCalls, WorkerLoop
 
 LIMIT = 10
 TABLE = {"a": 1}
@@ -119,3 +126,67 @@ def _copy(fn):
     clone = type(fn)(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__qualname__ = fn.__qualname__
     return clone
+
+
+def sleep_then(value, delay):
+    time.sleep(delay)
+    return value
+
+
+def test_result_never_waits_behind_a_long_task_of_a_short_function():
+    # One worker, a function trained as short (so tasks are prefetched and results
+    # batched), then a short call and a long call of it in one batch: the short
+    # call's result comes while the long one still runs.
+    with farpool.Executor("processes", max_workers=1) as ex:
+        assert list(ex.map(sleep_then, range(200), [0.0] * 200)) == list(range(200))
+        it = ex.map(sleep_then, [1, 2], [0.0, 3.0], timeout=1.5)
+        assert next(it) == 1
+        it.close()
+
+
+def _task_frames(task_id, fn_key, blob, args):
+    entry = [task_id, fn_key, int(blob is not None), 1]
+    frames = ([blob] if blob is not None else []) + [pickle.dumps((args, {}))]
+    return entry, frames
+
+
+def test_worker_batches_results_of_short_tasks():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind("inproc://hot-paths-batching")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.identity = b"w"
+    dealer.connect("inproc://hot-paths-batching")
+    stop = threading.Event()
+    loop = WorkerLoop(dealer, PickledCalls(), stop=stop)
+    thread = threading.Thread(target=loop.run, name="farpool-test-worker")
+    thread.start()
+    try:
+        key, blob = serialize.FunctionPickler()(abs)
+        entries, frames = [], []
+        for i in range(500):
+            entry, more = _task_frames(i, key, blob if i == 0 else None, (-i,))
+            entries.append(entry)
+            frames += more
+        router.send_multipart([b"w", *protocol.encode(Kind.TASKS, [entries], frames)])
+        results, messages = {}, 0
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while len(results) < 500:
+            assert poller.poll(10_000), "no results"
+            msg = protocol.decode(router.recv_multipart()[1:])
+            messages += 1
+            payload = msg.frames
+            for entry in msg.body[0]:
+                results[entry.task_id] = serialize.loads(payload[: entry.nframes])
+                payload = payload[entry.nframes :]
+        assert results == {i: i for i in range(500)}
+        assert messages < 100  # batched: one message per result would be 500
+    finally:
+        stop.set()
+        thread.join(10)
+        dealer.close()
+        router.close()
+        ctx.term()

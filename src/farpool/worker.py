@@ -6,8 +6,8 @@ only the ``Calls`` object differs:
 - ``SharedCalls``: thread workers share the client's memory, so tasks come by
   reference and the worker completes the future itself (stdlib thread semantics).
 
-Results of short tasks are sent in batches (at most ``FLUSH_SECONDS`` late); a task
-that ran longer than that is reported at once.
+Results of short tasks are sent in batches (at most ``HOLD_SECONDS`` late); a result
+never waits behind a task that runs longer than that.
 
 A worker process is started as ``python -m farpool.worker`` with its configuration
 pickled on stdin, and a control socket inherited from its parent: when the parent
@@ -34,8 +34,11 @@ import zmq
 from . import protocol, serialize
 from .protocol import Kind, Status, TaskEntry
 
-FLUSH_SECONDS = 0.001
-FLUSH_COUNT = 64
+# Batching of results (see WorkerLoop): how long and how many results may wait, and
+# how short a task must have been for a result to wait for the next one.
+HOLD_SECONDS = 0.001
+HOLD_COUNT = 64
+SHORT_TASK_SECONDS = 0.0002
 # How often an idle thread worker checks its pool's stop flag.
 IDLE_CHECK_MS = 200
 # The state record a local supervisor reads after a crash: (running id, last done id).
@@ -83,6 +86,8 @@ class SharedCalls:
     """Thread workers: the I/O thread parks each call in ``table``; the worker takes
     it by task id, runs it and completes its future here, in the worker thread."""
 
+    completes_futures = True  # results sent back are only bookkeeping
+
     def __init__(self, table: dict[int, Any]) -> None:
         self.table = table
 
@@ -104,7 +109,18 @@ class SharedCalls:
 
 
 class WorkerLoop:
-    """Runs tasks from ``sock`` until told to stop; returns the reason it stopped."""
+    """Runs tasks from ``sock`` until told to stop; returns the reason it stopped.
+
+    Results go back in batches while tasks are short: a finished result may wait for
+    the next task only if that task's function last ran under SHORT_TASK_SECONDS, for
+    at most HOLD_COUNT results. Where results are pickled (a worker process), a
+    flusher thread also sends any result held HOLD_SECONDS while a task runs, so a
+    task that turns out long never holds back a result that is ready. Thread workers
+    complete their futures themselves: what they send back is only bookkeeping.
+
+    The socket is used by one thread at a time: ``lock`` is held by the loop except
+    while a task runs or the loop waits for work (with nothing held back).
+    """
 
     def __init__(self, sock: zmq.Socket, calls: Any, *, max_tasks: int | None = None,
                  state: mmap.mmap | None = None, stop: threading.Event | None = None) -> None:
@@ -117,73 +133,112 @@ class WorkerLoop:
         self.out_entries: list[list[Any]] = []
         self.out_frames: list[Any] = []
         self.first_unsent = 0.0
+        self.last_seconds: dict[bytes, float] = {}  # per function: how long it last ran
         self.ran = 0
         self.stop_reason = ""
+        self.lock = threading.Lock()
+        self.bounded = not getattr(calls, "completes_futures", False)
+        self.armed = threading.Event()
+        self.flusher: threading.Thread | None = None
+        self.closed = False
 
     def run(self) -> str:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        while not self.stop_reason:
-            if not self.pending:
+        self.lock.acquire()
+        try:
+            while not self.stop_reason:
+                self.receive()
+                if self.pending:
+                    self.run_one()
+                    continue
                 self.flush()
-                if self.stop is None:
-                    poller.poll()
-                elif not poller.poll(IDLE_CHECK_MS) and self.stop.is_set():
+                if not self.wait():
                     return "stopped"
-            self.receive()
-            if self.pending:
-                self.run_one()
-        self.flush()
-        return self.stop_reason
+            self.flush()
+            return self.stop_reason
+        finally:
+            self.lock.release()
+            self.stop_flusher()
+
+    def wait(self) -> bool:
+        """Block until a message comes; False if the pool's stop flag is set first."""
+        sock = self.sock
+        self.lock.release()  # nothing is held back: the flusher leaves the socket alone
+        try:
+            if self.stop is None:
+                frames = _recv_frames(sock)
+            else:
+                poller = zmq.Poller()
+                poller.register(sock, zmq.POLLIN)
+                while not poller.poll(IDLE_CHECK_MS):
+                    if self.stop.is_set():
+                        return False
+                return True
+        finally:
+            self.lock.acquire()
+        self.handle(frames)
+        return True
 
     def receive(self) -> None:
+        """Take every message already waiting, without blocking."""
         sock = self.sock
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = protocol.decode(frames)
-            except protocol.ProtocolError as exc:
-                print(f"farpool worker: dropped a malformed message: {exc}", file=sys.stderr)
-                continue
-            if msg.kind is Kind.TASKS:
-                payload = msg.frames
-                for entry in msg.body[0]:
-                    mine, payload = payload[: entry.nframes], payload[entry.nframes :]
-                    self.pending.append((entry, self.calls.receive(entry, mine)))
-            elif msg.kind is Kind.BYE:
-                self.stop_reason = msg.body[0] or "asked to stop"
-                return
-            elif msg.kind is Kind.REFUSE:  # a scheduler turned this worker away
-                self.stop_reason = f"refused: {msg.body[0]}"
-                return
+        while not self.stop_reason and sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self.handle(_recv_frames(sock))
+
+    def handle(self, frames: list[Any]) -> None:
+        try:
+            msg = protocol.decode(frames)
+        except protocol.ProtocolError as exc:
+            print(f"farpool worker: dropped a malformed message: {exc}", file=sys.stderr)
+            return
+        if msg.kind is Kind.TASKS:
+            payload = msg.frames
+            pos = 0
+            for entry in msg.body[0]:
+                end = pos + entry.nframes
+                self.pending.append((entry, self.calls.receive(entry, payload[pos:end])))
+                pos = end
+        elif msg.kind is Kind.BYE:
+            self.stop_reason = msg.body[0] or "asked to stop"
+        elif msg.kind is Kind.REFUSE:  # a scheduler turned this worker away
+            self.stop_reason = f"refused: {msg.body[0]}"
 
     def run_one(self) -> None:
-        # The next task may be long: never hold a finished result back behind it.
-        # (Batching results across tasks is left for when task length is known.)
-        self.flush()
         entry, item = self.pending.popleft()
+        if self.out_entries:
+            if self.may_hold(entry):
+                self.arm_flusher()
+            else:
+                self.flush()
         state = self.state
         if state is not None:
             STATE.pack_into(state, 0, entry.task_id + 1, 0)
+        self.lock.release()
         start = time.perf_counter()
-        status, frames = self.calls.run(entry, item)
-        del item
-        seconds = time.perf_counter() - start
+        try:
+            status, frames = self.calls.run(entry, item)
+            del item
+        finally:
+            end = time.perf_counter()
+            self.lock.acquire()
+        seconds = end - start
         if state is not None:
             STATE.pack_into(state, 0, 0, entry.task_id + 1)
+        if len(self.last_seconds) >= 4096:
+            self.last_seconds.clear()
+        self.last_seconds[entry.fn_key] = seconds
         if not self.out_entries:
-            self.first_unsent = start
+            self.first_unsent = end
         self.out_entries.append([entry.task_id, int(status), len(frames), seconds])
         self.out_frames.extend(frames)
         self.ran += 1
         if self.max_tasks is not None and self.ran >= self.max_tasks:
             self.stop_reason = "retired"  # max_tasks_per_child reached
-        elif (seconds >= FLUSH_SECONDS or len(self.out_entries) >= FLUSH_COUNT
-              or time.perf_counter() - self.first_unsent >= FLUSH_SECONDS):
-            self.flush()
+
+    def may_hold(self, entry: TaskEntry) -> bool:
+        """May the results so far wait until ``entry`` has run too?"""
+        return (len(self.out_entries) < HOLD_COUNT
+                and self.last_seconds.get(entry.fn_key, HOLD_SECONDS) < SHORT_TASK_SECONDS
+                and time.perf_counter() - self.first_unsent < HOLD_SECONDS)
 
     def flush(self) -> None:
         if not self.out_entries:
@@ -191,6 +246,50 @@ class WorkerLoop:
         msg = protocol.encode(Kind.RESULTS, [self.out_entries], self.out_frames)
         self.out_entries, self.out_frames = [], []
         self.sock.send_multipart(msg, copy=False)
+
+    # -- the flusher: a bound on how long a result waits behind a task ---------------
+    def arm_flusher(self) -> None:
+        if not self.bounded:
+            return
+        if self.flusher is None:
+            self.flusher = threading.Thread(target=self._flush_late, name="farpool-flush",
+                                            daemon=True)
+            self.flusher.start()
+        if not self.armed.is_set():
+            self.armed.set()
+
+    def _flush_late(self) -> None:
+        armed, lock = self.armed, self.lock
+        while True:
+            armed.wait()
+            if self.closed:
+                return
+            delay = self.first_unsent + HOLD_SECONDS - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            with lock:
+                if self.closed:
+                    return
+                if self.out_entries and time.perf_counter() - self.first_unsent >= HOLD_SECONDS:
+                    self.flush()
+                if not self.out_entries:
+                    armed.clear()
+
+    def stop_flusher(self) -> None:
+        self.closed = True
+        if self.flusher is not None:
+            self.armed.set()
+            self.flusher.join(5.0)
+
+
+def _recv_frames(sock: zmq.Socket) -> list[Any]:
+    """One whole message, as zmq.Frames (no copies: payloads may be large buffers)."""
+    frame = sock.recv(copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(copy=False)
+        frames.append(frame)
+    return frames
 
 
 def run_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> str | None:
