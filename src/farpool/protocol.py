@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
+import zmq
 
 from .errors import ProtocolError, VersionMismatch
 
@@ -98,6 +99,32 @@ class Message(NamedTuple):
 def encode(kind: Kind, body: Sequence[Any] = (), frames: Sequence[Any] = ()) -> list[Any]:
     """The frames of a message: the header, then the payload frames unchanged."""
     return [msgpack.packb([PROTOCOL_VERSION, int(kind), list(body)]), *frames]
+
+
+# Plain ints: pyzmq's own multipart helpers combine IntFlag members on every frame,
+# which costs more than the send itself for small messages.
+_SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
+    """Send one multipart message; large frames go without a copy."""
+    send = sock.send
+    more = _SNDMORE | flags
+    for frame in frames[:-1]:
+        send(frame, more, copy=False)
+    send(frames[-1], flags, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
+    """Receive one whole multipart message as zmq.Frames (no copies: payloads may be
+    large buffers). With ``NOBLOCK``, raises zmq.Again when nothing is waiting."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def _buffer(frame: Any) -> Any:

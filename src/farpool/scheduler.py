@@ -201,7 +201,7 @@ class Scheduler:
         router = self.router
         for _ in range(1000):  # then dispatch, so a flood of input cannot starve output
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = protocol.recv_frames(router, protocol.NOBLOCK)
             except zmq.Again:
                 return
             identity = frames[0].bytes
@@ -518,7 +518,7 @@ class Scheduler:
 
     def send(self, identity: bytes, msg: list[Any]) -> None:
         try:
-            self.router.send_multipart([identity, *msg], copy=False)
+            protocol.send_frames(self.router, [identity, *msg])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise

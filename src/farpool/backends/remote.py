@@ -461,13 +461,13 @@ class _RemoteIO:
             self.send(protocol.encode(Kind.TASKS, [entries], frames))
 
     def send(self, msg: list[Any]) -> None:
-        self.sock.send_multipart(msg, copy=False)
+        protocol.send_frames(self.sock, msg)
 
     def receive(self) -> None:
         sock = self.sock
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = protocol.recv_frames(sock, protocol.NOBLOCK)
             except zmq.Again:
                 return
             try:
