@@ -105,6 +105,13 @@ def encode(kind: Kind, body: Sequence[Any] = (), frames: Sequence[Any] = ()) -> 
 # which costs more than the send itself for small messages.
 _SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a whole message is waiting (cheaper than a NOBLOCK recv raising Again)."""
+    return bool(sock.get(_EVENTS) & _POLLIN)
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:

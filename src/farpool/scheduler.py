@@ -200,10 +200,9 @@ class Scheduler:
     def receive(self) -> None:
         router = self.router
         for _ in range(1000):  # then dispatch, so a flood of input cannot starve output
-            try:
-                frames = protocol.recv_frames(router, protocol.NOBLOCK)
-            except zmq.Again:
+            if not protocol.readable(router):
                 return
+            frames = protocol.recv_frames(router)
             identity = frames[0].bytes
             try:
                 msg = protocol.decode(frames[1:])

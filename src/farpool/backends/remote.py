@@ -465,11 +465,8 @@ class _RemoteIO:
 
     def receive(self) -> None:
         sock = self.sock
-        while True:
-            try:
-                frames = protocol.recv_frames(sock, protocol.NOBLOCK)
-            except zmq.Again:
-                return
+        while protocol.readable(sock):
+            frames = protocol.recv_frames(sock)
             try:
                 msg = protocol.decode(frames)
             except ProtocolError as exc:
