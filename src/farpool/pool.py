@@ -322,31 +322,37 @@ class _PoolIO:
 
     def loop(self) -> None:
         router = self.router
+        wake_r = self.wake_r
+        poll = self.poller.poll
         while True:
-            timeout = 100 if self.closing else None
-            events = self.poller.poll(timeout)
+            events = poll(100 if self.closing else None)
+            woken = False
             for what, _ in events:
-                if what is router or what == self.wake_r:
+                if what is router:
+                    continue
+                if what == wake_r:
+                    woken = True
                     continue
                 handler = self.extra.get(what)
                 if handler is not None:
                     handler()
                 else:
                     self.on_death(what)
-            self.take_inbox()
+            if woken or self.inbox or self.cancel_pending:
+                self.take_inbox(woken)
             self.receive()
             if self.broken is None:
                 self.dispatch()
             if self.closing and self.finished():
                 return
 
-    def take_inbox(self) -> None:
+    def take_inbox(self, woken: bool = True) -> None:
         self.wake_pending = False
-        try:
-            while os.read(self.wake_r, 4096):
+        if woken:
+            try:  # wake() writes at most a byte or two between reads
+                os.read(self.wake_r, 4096)
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
         inbox = self.inbox
         submit = self.dispatcher.submit
         while inbox:
@@ -370,11 +376,8 @@ class _PoolIO:
 
     def receive(self) -> None:
         router = self.router
-        while True:
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        while router.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = protocol.recv_frames(router)
             worker_id = frames[0].bytes
             try:
                 msg = protocol.decode(frames[1:])
@@ -456,7 +459,7 @@ class _PoolIO:
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:
-            self.router.send_multipart([worker.worker_id, *msg], copy=False)
+            protocol.send_frames(self.router, [worker.worker_id, *msg])
         except zmq.ZMQError as exc:  # the peer is gone: its death notice follows
             print(f"farpool: could not send to worker {worker.worker_id!r}: {exc}", file=sys.stderr)
 

@@ -141,6 +141,7 @@ class WorkerLoop:
         self.armed = threading.Event()
         self.flusher: threading.Thread | None = None
         self.closed = False
+        self.poller: zmq.Poller | None = None
 
     def run(self) -> str:
         self.lock.acquire()
@@ -165,11 +166,12 @@ class WorkerLoop:
         self.lock.release()  # nothing is held back: the flusher leaves the socket alone
         try:
             if self.stop is None:
-                frames = _recv_frames(sock)
+                frames = protocol.recv_frames(sock)
             else:
-                poller = zmq.Poller()
-                poller.register(sock, zmq.POLLIN)
-                while not poller.poll(IDLE_CHECK_MS):
+                if self.poller is None:
+                    self.poller = zmq.Poller()
+                    self.poller.register(sock, zmq.POLLIN)
+                while not self.poller.poll(IDLE_CHECK_MS):
                     if self.stop.is_set():
                         return False
                 return True
@@ -182,7 +184,7 @@ class WorkerLoop:
         """Take every message already waiting, without blocking."""
         sock = self.sock
         while not self.stop_reason and sock.get(zmq.EVENTS) & zmq.POLLIN:
-            self.handle(_recv_frames(sock))
+            self.handle(protocol.recv_frames(sock))
 
     def handle(self, frames: list[Any]) -> None:
         try:
@@ -245,7 +247,7 @@ class WorkerLoop:
             return
         msg = protocol.encode(Kind.RESULTS, [self.out_entries], self.out_frames)
         self.out_entries, self.out_frames = [], []
-        self.sock.send_multipart(msg, copy=False)
+        protocol.send_frames(self.sock, msg)
 
     # -- the flusher: a bound on how long a result waits behind a task ---------------
     def arm_flusher(self) -> None:
@@ -280,16 +282,6 @@ class WorkerLoop:
         if self.flusher is not None:
             self.armed.set()
             self.flusher.join(5.0)
-
-
-def _recv_frames(sock: zmq.Socket) -> list[Any]:
-    """One whole message, as zmq.Frames (no copies: payloads may be large buffers)."""
-    frame = sock.recv(copy=False)
-    frames = [frame]
-    while frame.more:
-        frame = sock.recv(copy=False)
-        frames.append(frame)
-    return frames
 
 
 def run_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> str | None:
