@@ -151,6 +151,19 @@ def test_workers_are_fresh_interpreters(pool):
     assert b"farpool.worker" in argv, argv
 
 
+def uses_farpool_in_the_worker():
+    import farpool
+
+    with farpool.ThreadPoolExecutor(1) as ex:
+        return ex.submit(pow, 2, 5).result(timeout=10), farpool.__version__, farpool.WorkerLost.__name__
+
+
+def test_tasks_can_use_the_whole_package_in_a_worker(pool):
+    # Workers start without running farpool/__init__.py; a task that needs it gets it.
+    assert pool.submit(uses_farpool_in_the_worker).result(timeout=30) == (
+        32, farpool.__version__, "WorkerLost")
+
+
 def test_mp_context_is_accepted():
     import multiprocessing
 

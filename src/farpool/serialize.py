@@ -19,7 +19,6 @@ receiver that has seen a function skips both the bytes and the unpickling.
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import pickle
 import struct
@@ -173,6 +172,8 @@ class FunctionPickler:
             if old is not None and _same(old[0], captured):
                 self._by_value.move_to_end(ident)
                 return old[1], old[2]
+        import hashlib  # here: worker processes never need it (start-up time)
+
         blob = cloudpickle.dumps(fn, protocol=5)
         key = hashlib.blake2b(blob, digest_size=16).digest()
         if _pickles_by_reference(fn):

@@ -1,7 +1,8 @@
 """Starting local worker processes and telling how they ended.
 
-Each worker is a fresh interpreter (``python -m farpool.worker``), started by
-fork+exec with nothing of ours inherited but one end of a socket pair:
+Each worker is a fresh interpreter (``python -c BOOT farpool.worker``, see
+``worker.boot``), started by fork+exec with nothing of ours inherited but one end
+of a socket pair:
 
 - the parent watches its end: end-of-file means the child died (however it died);
 - the child watches its end: end-of-file means the parent died, and it exits.
@@ -24,6 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .worker import STATE
+
+# A worker imports the few farpool modules it uses, not the package's __init__ (which
+# imports the whole client): this line registers the package bare, and worker.boot
+# loads the real __init__ only if a task asks for something in it. The trailing
+# argument names the process in ps.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_BOOT = ("import sys, types; p = types.ModuleType('farpool'); p.__path__ = [{!r}]; "
+         "sys.modules['farpool'] = p; import farpool.worker as w; sys.exit(w.boot())")
 
 
 @dataclass(eq=False)
@@ -103,6 +112,7 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         import cloudpickle
 
         init_blob = cloudpickle.dumps((initializer, initargs))
+    from . import __version__
     config = {
         "worker_id": worker_id,
         "address": address,
@@ -111,11 +121,12 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         "sys_path": [p for p in sys.path if p],
         "initializer": init_blob,
         "max_tasks": max_tasks,
+        "version": __version__,
         **(extra or {}),
     }
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "farpool.worker"],
+            [sys.executable, "-c", _BOOT.format(_PACKAGE_DIR), "farpool.worker"],
             stdin=subprocess.PIPE,
             pass_fds=(theirs.fileno(),),
             close_fds=True,

@@ -9,9 +9,10 @@ only the ``Calls`` object differs:
 Results of short tasks are sent in batches (at most ``HOLD_SECONDS`` late); a result
 never waits behind a task that runs longer than that.
 
-A worker process is started as ``python -m farpool.worker`` with its configuration
-pickled on stdin, and a control socket inherited from its parent: when the parent
-dies the socket closes and the worker exits, even in the middle of a task.
+A worker process is started by ``supervisor.spawn_worker`` (see ``boot``; ``python
+-m farpool.worker`` works too) with its configuration pickled on stdin, and a control
+socket inherited from its parent: when the parent dies the socket closes and the
+worker exits, even in the middle of a task.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from importlib.machinery import ModuleSpec, SourceFileLoader
 from typing import Any
 
 import zmq
@@ -311,8 +313,40 @@ def _watch_parent(control: socket.socket) -> None:
     os._exit(70)
 
 
+def boot() -> int:
+    """Entry point of a worker process started by ``supervisor.spawn_worker``.
+
+    Its command line registered the ``farpool`` package bare, without running
+    ``farpool/__init__.py``, which imports the whole client (start-up time). The
+    package's own names load on first use, so code in a task that imports farpool
+    still gets all of it.
+    """
+    package = sys.modules["farpool"]
+    init = os.path.join(package.__path__[0], "__init__.py")
+    loader = SourceFileLoader("farpool", init)
+    spec = ModuleSpec("farpool", loader, origin=init, is_package=True)
+    spec.submodule_search_locations = package.__path__
+    spec.has_location = True
+    package.__spec__, package.__file__, package.__loader__ = spec, init, loader
+    package.__getattr__ = _load_package  # type: ignore[attr-defined]  # PEP 562
+    return _process_main()
+
+
+def _load_package(name: str) -> Any:
+    """The bare package lacks ``name``: run the real ``__init__`` into it, once."""
+    package = sys.modules["farpool"]
+    if name.startswith("__") and name.endswith("__") and name != "__all__":
+        raise AttributeError(f"module 'farpool' has no attribute {name!r}")
+    vars(package).pop("__getattr__", None)
+    package.__spec__.loader.exec_module(package)
+    return getattr(package, name)
+
+
 def _process_main() -> int:
     config = pickle.loads(sys.stdin.buffer.read())
+    package = sys.modules["farpool"]
+    if "__version__" not in vars(package) and "version" in config:
+        package.__version__ = config["version"]  # for HELLO, without loading the package
     for entry in reversed(config["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)
