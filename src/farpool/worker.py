@@ -86,12 +86,15 @@ class PickledCalls:
 
 class SharedCalls:
     """Thread workers: the I/O thread parks each call in ``table``; the worker takes
-    it by task id, runs it and completes its future here, in the worker thread."""
+    it by task id, runs it and completes its future here, in the worker thread
+    (``finish``, called by the loop once the pool has been told this worker is free,
+    so a caller woken by the result finds it idle for its next task)."""
 
     completes_futures = True  # results sent back are only bookkeeping
 
     def __init__(self, table: dict[int, Any]) -> None:
         self.table = table
+        self.outcome: tuple[Any, Any, bool] | None = None  # (future, value, raised)
 
     def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
         return self.table.pop(entry.task_id)
@@ -100,14 +103,20 @@ class SharedCalls:
         fn, args, kwargs, future = item
         del item
         try:
-            result = fn(*args, **kwargs)
+            self.outcome = (future, fn(*args, **kwargs), False)
         except BaseException as exc:  # noqa: BLE001
-            future.set_exception(exc)
-            del exc, future
-        else:
-            future.set_result(result)
-            del result, future
+            self.outcome = (future, exc, True)
+            del exc
         return Status.OK, []
+
+    def finish(self) -> None:
+        future, value, raised = self.outcome  # type: ignore[misc]
+        self.outcome = None
+        if raised:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+        del future, value  # no cycle through a traceback
 
 
 class WorkerLoop:
@@ -150,6 +159,8 @@ class WorkerLoop:
         try:
             while not self.stop_reason:
                 self.receive()
+                if self.stop_reason:
+                    break  # after BYE, run nothing more: the sender requeues what we held
                 if self.pending:
                     self.run_one()
                     continue
@@ -237,6 +248,10 @@ class WorkerLoop:
         self.ran += 1
         if self.max_tasks is not None and self.ran >= self.max_tasks:
             self.stop_reason = "retired"  # max_tasks_per_child reached
+        if not self.bounded:  # the calls complete futures themselves (thread workers)
+            if not self.pending:
+                self.flush()
+            self.calls.finish()
 
     def may_hold(self, entry: TaskEntry) -> bool:
         """May the results so far wait until ``entry`` has run too?"""
