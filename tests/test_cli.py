@@ -1,0 +1,52 @@
+"""The `farpool` command: the demo (the main job) and keygen, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+from farpool.cli import _is_prime, _probably_prime, _workload
+
+
+def run_farpool(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run([sys.executable, "-m", "farpool", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_demo_prints_a_timing_table_with_the_same_answers_everywhere():
+    done = run_farpool("demo", "--tasks", "4", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "2 primes among 4 numbers" in out
+    for row in ("serial", "stdlib processes (2)", "farpool processes (2)"):
+        line = next(line for line in out.splitlines() if line.startswith(row))
+        assert line.rstrip().endswith("x"), line
+
+
+def test_demo_on_another_backend_by_address():
+    done = run_farpool("demo", "--tasks", "2", "--workers", "2", "--address", "threads")
+    assert done.returncode == 0, done.stderr
+    assert "farpool threads (2)" in done.stdout
+
+
+def test_demo_refuses_a_bad_count_clearly():
+    done = run_farpool("demo", "--tasks", "0")
+    assert done.returncode == 2 and "must be at least 1" in done.stderr
+
+
+def test_workload_is_half_primes_and_the_fast_check_agrees_with_trial_division():
+    numbers = _workload(6)
+    assert len(numbers) == 6 and [_probably_prime(n) for n in numbers] == [True, False] * 3
+    assert all(_probably_prime(n) == _is_prime(n) for n in range(1, 2000))
+
+
+def test_keygen_writes_a_private_key_file(tmp_path):
+    env = {**os.environ, "FARPOOL_KEY_DIR": str(tmp_path / "keys")}
+    done = run_farpool("keygen", "--name", "node1", env=env)
+    assert done.returncode == 0, done.stderr
+    path = tmp_path / "keys" / "issued" / "node1.cluster-key"
+    assert str(path) in done.stdout
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "client-secret" in path.read_text()
