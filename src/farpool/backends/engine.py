@@ -15,7 +15,9 @@ No engine is imported here: this module also runs inside engine workers, where
 One "results" thread per executor turns engine outcomes into future outcomes, so
 user callbacks never run on (and never block) the engine's own threads. It holds
 the backend only while it handles an item, so an executor dropped without
-``shutdown`` is collected and its engine resources closed.
+``shutdown`` is collected and its engine resources closed. A plain result whose
+future has no user callback is set by the engine thread itself (``_settle_here``):
+that wakes the waiters and runs no user code, and spares a thread hop per task.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ BATCH = 1024
 
 _STOP = object()  # tells the results thread to close the engine and end
 _MISSING = object()
+# _settle_here looks at a future's done-callbacks under the future's own lock: CPython
+# keeps them in _done_callbacks, guarded by _condition (since 3.2). Elsewhere, never.
+_INSPECTABLE = all(hasattr(Future(), name) for name in ("_condition", "_done_callbacks"))
 _DONE = "done"
+_DONE_MANY = "done-many"
 _CANCEL = "cancel"
 
 
@@ -226,6 +232,37 @@ class EngineBackend:
         """Called from an engine thread: hand the outcome to the results thread."""
         self._inbox.put((self, _DONE, (future, handle)))
 
+    def _settle_here(self, future: Future, value: Any) -> bool:
+        """From an engine thread: set ``future``'s result now if that runs no user code.
+
+        False, leaving it to the results thread, when the future has a user's
+        done-callback, or when another thread holds the lock: a submit holds it
+        through an engine call, which may wait for this very engine thread.
+        """
+        if not _INSPECTABLE or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            # Under the future's lock, a callback added meanwhile waits, then finds
+            # the future done and runs in the thread that adds it.
+            with future._condition:
+                if future._done_callbacks != [self._on_future_done]:
+                    return False
+                if self._pending.pop(future, _MISSING) is _MISSING:
+                    return True  # cancelled by the user, or failed when the executor broke
+                last = self._closing and not self._pending
+                if future.set_running_or_notify_cancel():
+                    future.set_result(value)
+        finally:
+            self._lock.release()
+        if last:
+            self._finish()
+        return True
+
+    def _engine_done_many(self, items: list[tuple[Future, Any]]) -> None:
+        """Like ``_engine_done`` for many ``(future, handle)`` at once: one hand-over."""
+        if items:
+            self._inbox.put((self, _DONE_MANY, items))
+
     def _handle(self, batch: list[tuple[str, Any]]) -> None:
         """In the results thread: one batch of inbox items."""
         if any(kind == _CANCEL for kind, _ in batch):
@@ -233,7 +270,12 @@ class EngineBackend:
                 handles, self._to_cancel = self._to_cancel, []
             if handles:
                 self._engine_cancel(handles)
-        done = [item for kind, item in batch if kind == _DONE]
+        done: list[tuple[Future, Any]] = []
+        for kind, item in batch:
+            if kind == _DONE:
+                done.append(item)
+            elif kind == _DONE_MANY:
+                done.extend(item)
         if done:
             try:
                 self._resolve(done)
