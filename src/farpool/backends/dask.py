@@ -26,6 +26,7 @@ Semantics on top of Dask's:
 from __future__ import annotations
 
 import asyncio
+import threading
 import traceback
 import uuid
 from collections.abc import Callable
@@ -116,6 +117,14 @@ class DaskBackend(EngineBackend):
             raise ValueError("retries applies to a local cluster only: an existing scheduler "
                              "retries as its distributed.scheduler.allowed-failures says")
         super().__init__(initializer, initargs)
+        # Futures to watch, handed to the event loop in one callback per burst.
+        self._watch_lock = threading.Lock()
+        self._to_watch: list[tuple[Future, Any]] = []
+        # Event loop only: the watching tasks (the loop keeps only weak references),
+        # tasks done and not yet fetched, and whether a fetch runs.
+        self._tracking: set[asyncio.Task] = set()
+        self._ready: list[tuple[Future, Any]] = []
+        self._fetching = False
         self._apply = apply
         self._funcname = funcname
         self._killed_worker = distributed.KilledWorker
@@ -190,23 +199,88 @@ class DaskBackend(EngineBackend):
             return super()._engine_submit_many(fn, calls)
 
     def _watch(self, future: Future, handle: Any) -> None:
-        self._client.loop.add_callback(self._fetch, future, handle)
+        with self._watch_lock:
+            self._to_watch.append((future, handle))
+            if len(self._to_watch) > 1:
+                return  # the loop has yet to take the earlier ones: it takes this too
+        # Waking the event loop from this thread costs a system call: once per burst.
+        self._client.loop.add_callback(self._track_new)
 
     # -- outcomes --------------------------------------------------------------------
 
-    async def _fetch(self, future: Future, dfut: Any) -> None:
-        """On the client's event loop: wait for the task and fetch its result.
+    def _track_new(self) -> None:
+        with self._watch_lock:
+            items, self._to_watch = self._to_watch, []
+        for future, dfut in items:
+            self._start_tracking(future, dfut)
 
-        Dask sends the gathers awaited at the same time as one request, so a burst
-        of finished tasks costs one round trip; no Dask callback thread is involved.
+    def _start_tracking(self, future: Future, dfut: Any) -> None:
+        task = asyncio.get_running_loop().create_task(self._track(future, dfut))
+        self._tracking.add(task)
+        task.add_done_callback(self._tracking.discard)
+
+    async def _track(self, future: Future, dfut: Any) -> None:
+        """On the client's event loop: wait until the task is done, then fetch its
+        result together with those of the tasks done meanwhile.
+
+        One fetch runs at a time and takes every task done since the last one, so a
+        burst of results costs a few gathers (each a request to the scheduler and to
+        the workers) rather than one per task, and a lone task still costs just one.
+        It awaits the future's state (``dfut._state``, what Dask's own ``wait`` and
+        ``as_completed`` await): unlike ``Future.add_done_callback``, no callback thread.
         """
+        await dfut._state.wait()
+        self._ready.append((future, dfut))
+        if self._fetching:
+            return  # the running fetch takes it next
+        self._fetching = True
         try:
-            value = await self._client.gather(dfut, asynchronous=True)
+            # Tasks reported done in the same message from the scheduler resume right
+            # after this one: one turn of the loop lets them join this batch.
+            await asyncio.sleep(0)
+            while self._ready:
+                batch, self._ready = self._ready, []
+                try:
+                    outcomes = await self._fetch(batch)
+                except BaseException as exc:  # noqa: BLE001 - a bug: no future may wait forever
+                    outcomes = [(fut, (handle, False, exc)) for fut, handle in batch]
+                # Results are set here when they can be; the rest go to the results thread.
+                rest = []
+                for fut, (handle, ok, payload) in outcomes:
+                    if not (ok and self._settle_here(fut, payload)):
+                        rest.append((fut, (handle, ok, payload)))
+                self._engine_done_many(rest)
+        finally:
+            self._fetching = False
+
+    async def _fetch(self, batch: list[tuple[Future, Any]]) -> list[tuple[Future, Any]]:
+        """``(future, (dfut, ok, value or error))`` for each done task of ``batch``."""
+        finished = [dfut for _, dfut in batch if dfut.status == "finished"]
+        outcomes: dict[Any, tuple[bool, Any]] = {}
+        if finished:
+            try:
+                values = await self._client.gather(finished, asynchronous=True)
+            except BaseException:  # noqa: BLE001 - one by one, to fail only the culprits
+                for dfut in finished:
+                    outcomes[dfut.key] = await self._fetch_one(dfut)
+            else:
+                outcomes = {dfut.key: (True, value) for dfut, value in zip(finished, values, strict=True)}
+        out: list[tuple[Future, Any]] = []
+        for future, dfut in batch:
+            outcome = outcomes.get(dfut.key)
+            if outcome is None and dfut.status not in ("error", "cancelled"):
+                # Finished, then its result was lost with its worker: Dask computes it
+                # again. (An error or a cancellation travels as the future's status.)
+                self._start_tracking(future, dfut)
+                continue
+            out.append((future, (dfut, *(outcome or (False, None)))))
+        return out
+
+    async def _fetch_one(self, dfut: Any) -> tuple[bool, Any]:
+        try:
+            return True, await self._client.gather(dfut, asynchronous=True)
         except BaseException as exc:  # noqa: BLE001 - sorted out in the results thread
-            outcome: tuple[bool, Any] = (False, exc)
-        else:
-            outcome = (True, value)
-        self._engine_done(future, (dfut, *outcome))
+            return False, exc
 
     def _resolve(self, items: list[tuple[Future, Any]]) -> None:
         for future, (dfut, ok, payload) in items:
@@ -218,14 +292,15 @@ class DaskBackend(EngineBackend):
             except BaseException as exc:  # noqa: BLE001 - e.g. the error does not unpickle here
                 self._settle(future, error=exc)
 
-    def _settle_error(self, future: Future, dfut: Any, error: BaseException) -> None:
+    def _settle_error(self, future: Future, dfut: Any, error: BaseException | None) -> None:
         if future not in self._pending:
             return  # cancelled by the user: nothing to report
         status = dfut.status
         if status == "cancelled" or isinstance(error, CancelledError | asyncio.CancelledError):
             self._settle(future, cancelled=True)
             return
-        if status != "error":  # the task succeeded but its result did not reach us
+        if status != "error" and error is not None:
+            # The task succeeded but its result did not reach us.
             self._settle(future, error=unwrap_pickling_error(error))
             return
         exc, tb = dfut.exception(), dfut.traceback()
