@@ -35,7 +35,7 @@ import types
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import BackendUnavailable, WorkerLost
 from ..serialize import FunctionPickler
@@ -181,6 +181,12 @@ class _Resources:
         _session.release(self.ray)
 
 
+class _Raised(NamedTuple):
+    """An error from Ray's concurrent future, whatever its type."""
+
+    error: BaseException
+
+
 # -- the backend ---------------------------------------------------------------------------
 
 
@@ -218,6 +224,12 @@ class RayBackend(EngineBackend):
         self._pickler = FunctionPickler()
         self._lost = tuple(getattr(ray.exceptions, name) for name in _LOST_ERRORS
                            if hasattr(ray.exceptions, name))
+        self._ray_error = ray.exceptions.RayError
+        # Ray's ObjectRef.future() is built on ObjectRef._on_completed: calling that
+        # directly spares a concurrent future per task. Only for a driver's own refs
+        # (Ray Client's pass its connection errors as values too), and only while
+        # Ray has it (checked once).
+        self._fast_ref = ray.ObjectRef if hasattr(ray.ObjectRef, "_on_completed") else None
         self._address = address
         _session.acquire(ray, address, max_workers, init_options)
         try:
@@ -267,26 +279,43 @@ class RayBackend(EngineBackend):
             raise unwrap_pickling_error(exc) from None
 
     def _watch(self, future: Future, handle: Any) -> None:
-        # Ray calls back with its own concurrent future, which becomes the handle.
-        handle.future().add_done_callback(functools.partial(self._engine_done, future))
+        # Ray calls back from its own thread with the task's value, or a RayError (a
+        # task's exception, a lost worker, a cancellation).
+        if type(handle) is self._fast_ref:
+            handle._on_completed(functools.partial(self._ray_done, future))
+        else:
+            handle.future().add_done_callback(functools.partial(self._from_future, future))
+
+    def _ray_done(self, future: Future, value: Any) -> None:
+        # A result is set here when it can be; the rest goes to the results thread.
+        if isinstance(value, self._ray_error) or not self._settle_here(future, value):
+            self._engine_done(future, value)
+
+    def _from_future(self, future: Future, ray_future: Future) -> None:
+        try:
+            value = ray_future.result()
+        except BaseException as exc:  # noqa: BLE001 - translated in the results thread
+            self._engine_done(future, _Raised(exc))
+        else:
+            self._ray_done(future, value)
 
     # -- outcomes --------------------------------------------------------------------
 
     def _resolve(self, items: list[tuple[Future, Any]]) -> None:
-        for future, ray_future in items:
-            try:
-                value = ray_future.result()
-            except BaseException as exc:  # noqa: BLE001 - translated below
-                try:
-                    error = self._translate(exc)
-                except BaseException as bug:  # noqa: BLE001 - report rather than hang
-                    error = bug
-                if error is None:
-                    self._settle(future, cancelled=True)
-                else:
-                    self._settle(future, error=error)
-            else:
+        for future, value in items:
+            if isinstance(value, _Raised):
+                value = value.error
+            elif not isinstance(value, self._ray_error):
                 self._settle(future, value)
+                continue
+            try:
+                error = self._translate(value)
+            except BaseException as bug:  # noqa: BLE001 - report rather than hang
+                error = bug
+            if error is None:
+                self._settle(future, cancelled=True)
+            else:
+                self._settle(future, error=error)
 
     def _translate(self, exc: BaseException) -> BaseException | None:
         """The error the user sees for Ray's ``exc``; None when the task was cancelled."""
