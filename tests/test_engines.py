@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from collections import Counter
@@ -65,6 +66,33 @@ def log_init(path):
 def pid_after(seconds):
     time.sleep(seconds)
     return os.getpid()
+
+
+def an_exception_object():
+    return KeyError("a value, not an error")
+
+
+def _rebuild_in(pid):
+    if os.getpid() != pid:
+        raise RuntimeError("this value unpickles only in the worker that made it")
+    return pid
+
+
+class OnlyInItsWorker:
+    """Pickles anywhere, unpickles only in the process that pickled it."""
+
+    def __reduce__(self):
+        return _rebuild_in, (os.getpid(),)
+
+
+def after_file(path, value):
+    """Wait for ``path``, then return ``value`` ("big": 30 MB; "bad": see above)."""
+    deadline = time.monotonic() + 60
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if value == "big":
+        return bytes(30 * 2**20)
+    return OnlyInItsWorker() if value == "bad" else value
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -158,6 +186,45 @@ def test_initializer_runs_once_per_worker_process(engine_address, tmp_path):
         runs = Counter(int(line) for line in log.read_text().split())
         assert set(runs) >= pids, "every worker that ran a task was initialized first"
         assert set(runs.values()) == {1}, f"initializer ran more than once in a process: {runs}"
+
+
+def test_an_exception_object_is_a_result_like_any_other(engine_address):
+    with farpool.Executor(engine_address) as ex:
+        value = ex.submit(an_exception_object).result(timeout=60)
+    assert isinstance(value, KeyError) and value.args == ("a value, not an error",)
+
+
+def test_a_result_that_does_not_unpickle_fails_only_its_future(engine_address, tmp_path):
+    # While the big result travels, the next ones finish: Dask fetches them together.
+    go = tmp_path / "go"
+    with farpool.Executor(engine_address) as ex:
+        first = [ex.submit(after_file, go, "big"), ex.submit(after_file, go, 1)]
+        bad = ex.submit(after_file, go, "bad")
+        rest = [ex.submit(square, i) for i in range(20)]
+        go.touch()
+        assert len(first[0].result(timeout=60)) == 30 * 2**20
+        assert first[1].result(timeout=60) == 1
+        with pytest.raises(Exception, match="unpickles only in the worker"):
+            bad.result(timeout=60)
+        assert [f.result(timeout=60) for f in rest] == [i * i for i in range(20)]
+
+
+def test_done_callbacks_run_in_the_results_thread(engine_address, tmp_path):
+    """Never in an engine thread (Dask's event loop, Ray's I/O thread), which a
+    callback could block; results without callbacks may be set there."""
+    with farpool.Executor(engine_address) as ex:
+        plain = [ex.submit(square, i) for i in range(10)]
+        watched = [ex.submit(pid_after, 0.3) for _ in range(2)]
+        threads = []
+        for f in watched:
+            f.add_done_callback(lambda f: threads.append(threading.current_thread().name))
+        assert all(isinstance(f.result(timeout=60), int) for f in watched)
+        assert [f.result(timeout=60) for f in plain] == [i * i for i in range(10)]
+        deadline = time.monotonic() + 10
+        while len(threads) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    engine = "dask" if engine_address.startswith("dask") else "ray"
+    assert threads == [f"farpool-{engine}-results"] * 2
 
 
 def test_worker_lost_under_a_task(engine_address):
