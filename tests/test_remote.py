@@ -749,6 +749,31 @@ def test_worker_daemon_sigterm_finishes_running_task_and_hands_back_the_rest(clu
         close(ex)
 
 
+def test_cancel_reaches_tasks_a_worker_holds_but_has_not_begun(cluster, tmp_path):
+    """shutdown(cancel_futures=True) cancels the tasks that have not started, even those
+    the scheduler already handed ahead to a worker: the worker drops them, their futures
+    are cancelled, and they never run; the running task finishes."""
+    cluster.scheduler()
+    cluster.worker(nprocs=1)
+    wait_for_workers(cluster.address, 1)
+    ran = tmp_path / "ran.txt"
+    ex = executor(cluster.address)
+    try:
+        list(ex.map(log_run, [str(tmp_path / "warmup.txt")] * 30, range(30), [0] * 30))  # known short
+        first = ex.submit(log_run, str(ran), "first", 1.0)
+        rest = [ex.submit(log_run, str(ran), i, 0) for i in range(20)]
+        wait_until(lambda: ran.exists(), 10, "the first task to start")
+        held = sum(w["held"] for w in status(cluster.address)["workers"])
+        ex.shutdown(wait=True, cancel_futures=True)
+        assert first.result(timeout=1) == "first"
+        cancelled = [f for f in rest if f.cancelled()]
+        assert held > 2 and len(cancelled) >= held - 1, (held, len(cancelled))
+        ran_ids = ran.read_text().split()
+        assert all(str(i) not in ran_ids for i, f in enumerate(rest) if f.cancelled())
+    finally:
+        close(ex)
+
+
 def test_worker_daemon_sigterm_after_its_scheduler_died(cluster):
     """The scheduler is killed, then its worker daemon gets SIGTERM before it has
     noticed: with nobody to hand work back to, it exits promptly (code 0), rather

@@ -113,6 +113,8 @@ class Dispatcher:
         if task is None:
             return None
         self.done += 1
+        if seconds < 0:  # not run (cancelled while held): nothing to learn
+            return task
         times = self.fn_seconds
         ema = times.get(task.fn_key)
         times[task.fn_key] = seconds if ema is None else ema + _EMA_WEIGHT * (seconds - ema)

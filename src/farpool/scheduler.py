@@ -363,7 +363,15 @@ class Scheduler:
             raise protocol.ProtocolError(f"CANCEL from a {peer.role}")
         wanted = {peer.tasks[t].task_id for t in msg.body[0] if t in peer.tasks}
         for task in self.dispatcher.cancel(identity, wanted):
+            wanted.discard(task.task_id)
             self.route(task, Status.CANCELLED, [], 0.0)
+        if wanted:
+            # Tasks a worker holds: it drops those it has not begun (answering CANCELLED).
+            holders = [(worker_id, [t for t in slot.held if t in wanted])
+                       for worker_id, slot in self.dispatcher.workers.items()]
+            for worker_id, ids in holders:
+                if ids:
+                    self.send(worker_id, protocol.encode(Kind.CANCEL, [ids]))
 
     def on_heartbeat(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None

@@ -212,6 +212,17 @@ class WorkerLoop:
                 end = pos + entry.nframes
                 self.pending.append((entry, self.calls.receive(entry, payload[pos:end])))
                 pos = end
+        elif msg.kind is Kind.CANCEL:
+            # Tasks handed ahead (prefetch) and not begun: answer them as cancelled.
+            # (Duration -1: not a run time the dispatcher should learn from.)
+            ids = set(msg.body[0])
+            kept: deque[tuple[TaskEntry, Any]] = deque()
+            for item in self.pending:
+                if item[0].task_id in ids:
+                    self.out_entries.append([item[0].task_id, int(Status.CANCELLED), 0, -1.0])
+                else:
+                    kept.append(item)
+            self.pending = kept
         elif msg.kind is Kind.BYE:
             self.stop_reason = msg.body[0] or "asked to stop"
         elif msg.kind is Kind.REFUSE:  # a scheduler turned this worker away

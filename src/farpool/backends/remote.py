@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import secrets
+import select
 import threading
 import time
 import traceback
@@ -264,6 +265,9 @@ class _RemoteIO:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         self.wake_pending = False
+        # Held by whoever uses the socket and the tables below it: the I/O thread,
+        # except while it sleeps, or a caller sending its tasks directly.
+        self.lock = threading.Lock()
 
         self.ctx = zmq.Context()
         sock = self.sock = self.ctx.socket(zmq.DEALER)
@@ -306,6 +310,20 @@ class _RemoteIO:
             raise RuntimeError("cannot schedule new futures after shutdown")
         for task in tasks:
             task.future.add_done_callback(self._on_done(task.task_id))
+        # Send from this thread when the socket is free: one thread hop less on every
+        # round trip. Never wait for the lock (a done callback run by the I/O thread
+        # may submit): otherwise the I/O thread sends it.
+        if self.lock.acquire(blocking=False):
+            try:
+                if self.welcomed and self.broken is None and not self.inbox and not self.closing:
+                    for task in tasks:
+                        self.unfinished[task.task_id] = task
+                    self.send_tasks(tasks)
+                    if protocol.readable(self.sock):
+                        self.wake(force=True)  # our send may have eaten the I/O thread's signal
+                    return
+            finally:
+                self.lock.release()
         self.inbox.extend(tasks)
         self.wake()
 
@@ -319,8 +337,8 @@ class _RemoteIO:
                 self.wake()
         return on_done
 
-    def wake(self) -> None:
-        if not self.wake_pending:
+    def wake(self, force: bool = False) -> None:
+        if force or not self.wake_pending:
             self.wake_pending = True
             try:
                 os.write(self.wake_w, b"x")
@@ -343,35 +361,44 @@ class _RemoteIO:
             self.loop()
         except BaseException as exc:  # noqa: BLE001 - never leave a future hanging
             traceback.print_exc()
-            self.break_with(SchedulerLost(f"the farpool I/O thread failed: {exc!r}"))
+            with self.lock:
+                self.break_with(SchedulerLost(f"the farpool I/O thread failed: {exc!r}"))
         finally:
             self.connected.set()
-            self.cleanup()
+            with self.lock:
+                self.cleanup()
 
     def loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        # The sockets' own file descriptors, polled by the OS, so that callers may use
+        # the socket (under the lock) while this thread sleeps. A ZeroMQ descriptor
+        # only says "something changed": ZMQ_EVENTS (protocol.readable) says what.
+        poller = select.poll()
+        poller.register(self.sock.get(zmq.FD), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
         if self.monitor is not None:
-            poller.register(self.monitor, zmq.POLLIN)
-        self.hello()
+            poller.register(self.monitor.get(zmq.FD), select.POLLIN)
+        with self.lock:
+            self.hello()
         next_beat = time.monotonic() + self.heartbeat
         timeout = max(10, int(self.heartbeat * 500))
         while True:
-            events = dict(poller.poll(timeout))
-            if self.monitor is not None and self.monitor in events:
-                self.on_monitor()
-            self.take_inbox()
-            self.receive()
-            if self.connect_error is not None:
-                return
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.heartbeat
-                self.tick(now)
-            if self.closing and (self.broken is not None or not self.ever_welcomed
-                                 or (not self.inbox and not self.unfinished)):
-                return
+            poller.poll(timeout)
+            with self.lock:
+                if self.monitor is not None and protocol.readable(self.monitor):
+                    self.on_monitor()
+                self.take_inbox()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat
+                    self.tick(now)
+                # Last, after every send of this pass: a send may consume the socket's
+                # wake-up signal, so check for input before sleeping on it again.
+                self.receive()
+                if self.connect_error is not None:
+                    return
+                if self.closing and (self.broken is not None or not self.ever_welcomed
+                                     or (not self.inbox and not self.unfinished)):
+                    return
 
     def tick(self, now: float) -> None:
         """Heartbeats out; notice a silent scheduler; give up after the reconnect window."""
