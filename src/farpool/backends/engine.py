@@ -161,6 +161,10 @@ class EngineBackend:
             raise TypeError("initializer must be a callable")
         self.broken: BaseException | None = None
         self.init_spec = InitSpec.create(initializer, initargs) if initializer is not None else None
+        # _submit_lock orders submits and is held through engine calls; _lock guards the
+        # state below and is never held through an engine call, so that an engine
+        # thread may take it (see _settle_here). Order: _submit_lock, then _lock.
+        self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[Future, Any] = {}
         self._to_cancel: list[Any] = []
@@ -188,14 +192,15 @@ class EngineBackend:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
         future: Future = Future()
-        with self._lock:
+        with self._submit_lock:
             self._check_open()
             try:
                 handle = self._engine_submit(fn, args, kwargs)
             except Exception as exc:  # noqa: BLE001 - e.g. an argument that does not pickle
                 future.set_exception(exc)
                 return future
-            self._pending[future] = handle
+            if not self._add_pending([(future, handle)]):
+                return future
         future.add_done_callback(self._on_future_done)
         self._watch(future, handle)
         return future
@@ -203,19 +208,37 @@ class EngineBackend:
     def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
         calls = list(calls)
         futures: list[Future] = [Future() for _ in calls]
-        with self._lock:
+        with self._submit_lock:
             self._check_open()
             handles = self._engine_submit_many(fn, calls) if calls else []
+            submitted = []
             for future, handle in zip(futures, handles, strict=True):
                 if isinstance(handle, SubmitFailed):
                     future.set_exception(handle.error)
                 else:
-                    self._pending[future] = handle
+                    submitted.append((future, handle))
+            if not self._add_pending(submitted):
+                return futures
         for future, handle in zip(futures, handles, strict=True):
             if not isinstance(handle, SubmitFailed):
                 future.add_done_callback(self._on_future_done)
                 self._watch(future, handle)
         return futures
+
+    def _add_pending(self, submitted: list[tuple[Future, Any]]) -> bool:
+        """Record submitted tasks; False if the executor broke meanwhile (an
+        initializer failed while the engine took them): they are failed and cancelled."""
+        with self._lock:
+            broken = self.broken
+            if broken is None:
+                self._pending.update(submitted)
+                return True
+        for future, _ in submitted:
+            error = self.broken_type(BROKEN_MESSAGE)
+            error.__cause__ = broken.__cause__
+            future.set_exception(error)
+        self._engine_cancel([handle for _, handle in submitted])
+        return False
 
     def _engine_submit_many(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
         handles: list[Any] = []
@@ -236,8 +259,8 @@ class EngineBackend:
         """From an engine thread: set ``future``'s result now if that runs no user code.
 
         False, leaving it to the results thread, when the future has a user's
-        done-callback, or when another thread holds the lock: a submit holds it
-        through an engine call, which may wait for this very engine thread.
+        done-callback, or when another thread holds the lock (never wait for a
+        lock on an engine thread).
         """
         if not _INSPECTABLE or not self._lock.acquire(blocking=False):
             return False
@@ -343,7 +366,7 @@ class EngineBackend:
     # -- shutdown --------------------------------------------------------------------
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
-        with self._lock:
+        with self._submit_lock, self._lock:  # no submit half done
             self._closing = True
             pending = dict(self._pending)
         if cancel_futures and pending:

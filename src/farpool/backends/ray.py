@@ -251,7 +251,7 @@ class RayBackend(EngineBackend):
         (a function argument costs Ray as much as the task itself). The cache is keyed
         by the function's pickle, so a closure or a ``__main__`` function whose
         captured state changed is exported anew: each task sees the function as it
-        was at its submit, as with the stdlib. Called under the backend's lock.
+        was at its submit, as with the stdlib. Called under the submit lock.
         """
         if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
             return None  # partials, methods, callable objects: state travels per call
