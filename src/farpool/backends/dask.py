@@ -223,9 +223,10 @@ class DaskBackend(EngineBackend):
         """On the client's event loop: wait until the task is done, then fetch its
         result together with those of the tasks done meanwhile.
 
-        One fetch runs at a time and takes every task done since the last one, so a
-        burst of results costs a few gathers (each a request to the scheduler and to
-        the workers) rather than one per task, and a lone task still costs just one.
+        One fetch (a gather: a request to the scheduler, one to each worker holding
+        a result) runs at a time and takes every task done since the last one: tasks
+        that end while a fetch runs, or in the same report from the scheduler, share
+        the next one, and a lone task costs one fetch, at once.
         It awaits the future's state (``dfut._state``, what Dask's own ``wait`` and
         ``as_completed`` await): unlike ``Future.add_done_callback``, no callback thread.
         """
