@@ -658,6 +658,8 @@ def warm_up(row: Row, metric: str, cfg: Config) -> None:
 @dataclass
 class Results:
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # metric -> repeat -> row -> that repeat's median: the rows of one turn side by side.
+    turns: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     errors: dict[str, dict[str, str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     descriptions: dict[str, str] = field(default_factory=dict)
@@ -746,6 +748,7 @@ def _run_metric(rows: list[Row], metric: str, cfg: Config, results: Results, ech
                 continue
             spent[row.name] += time.perf_counter() - t0
             results.samples.setdefault(row.name, {}).setdefault(metric, []).extend(values)
+            results.turns.setdefault(metric, {}).setdefault(rep, {})[row.name] = statistics.median(values)
     for row in live:
         value = results.median(row.name, metric)
         if value is not None:
@@ -776,11 +779,17 @@ def ratio(results: Results, row: str, metric: str) -> float | None:
 
 
 def overhead(results: Results, farpool_row: str, native_row: str) -> float | None:
-    """Extra time per 1 ms task of farpool's adapter over the engine's own API, in %."""
-    ours, native = results.median(farpool_row, "sleep"), results.median(native_row, "sleep")
-    if not ours or not native:
+    """Extra time per 1 ms task of farpool's adapter over the engine's own API, in %.
+
+    The median, over the repeats both rows made, of the engine's rate over farpool's:
+    each ratio compares two runs made moments apart, so a load swing on a shared
+    machine between repeats does not count as overhead.
+    """
+    ratios = [turn[native_row] / turn[farpool_row] for turn in results.turns.get("sleep", {}).values()
+              if turn.get(farpool_row) and turn.get(native_row)]
+    if not ratios:
         return None
-    return (native / ours - 1) * 100
+    return (statistics.median(ratios) - 1) * 100
 
 
 def _targets(results: Results) -> list[tuple[str, str, bool]]:
@@ -879,7 +888,8 @@ def report(results: Results, order: list[str], metrics: list[str], cfg: Config, 
         f"{cfg.sleep_tasks:,} × `time.sleep(0.001)` submitted then waited for "
         f"(ideal: {cfg.workers / SLEEP_SECONDS:,.0f}/s). Dask and Ray rows, native and through "
         f"farpool alike, use smaller bursts: {int(cfg.tasks * ENGINE_TASK_SCALE):,} and "
-        f"{int(cfg.sleep_tasks * ENGINE_SLEEP_SCALE):,} tasks.")
+        f"{int(cfg.sleep_tasks * ENGINE_SLEEP_SCALE):,} tasks. Adapter overhead: the median over "
+        f"repeats of the engine's rate / farpool's, each pair measured in the same turn.")
     add("- start-up: from creating the executor to its first result, a fresh executor each "
         "time (closing not counted); for Dask and Ray rows, attaching to the running cluster.")
     for name, why in results.skipped.items():
@@ -963,7 +973,8 @@ def main(argv: list[str] | None = None) -> int:
                 "argv": argv, "cpus": os.cpu_count(), "python": platform.python_version(),
                 "config": cfg.__dict__, "baseline": BASELINE,
                 "medians": {row: {m: results.median(row, m) for m in metrics} for row in order},
-                "samples": results.samples, "errors": results.errors, "skipped": results.skipped,
+                "samples": results.samples, "turns": results.turns, "errors": results.errors,
+                "skipped": results.skipped,
                 "notes": results.notes,
             }, f, indent=1)
     return 130 if interrupted else 0
