@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import gc
 import os
 import pickle
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -188,6 +190,37 @@ def test_done_callback(executor):
     assert seen == [16]
 
 
+def test_done_callbacks_that_submit_more_work(executor):
+    # Each callback submits the next step from whatever thread completed the future.
+    done = threading.Event()
+    results = []
+
+    def step(f):
+        results.append(f.result())
+        if len(results) < 50:
+            executor.submit(square, len(results)).add_done_callback(step)
+        else:
+            done.set()
+
+    executor.submit(square, 0).add_done_callback(step)
+    assert done.wait(30)
+    assert results == [i * i for i in range(50)]
+
+
+def test_many_threads_submitting_at_once(executor):
+    outcomes = {}
+
+    def client(n):
+        outcomes[n] = [executor.submit(add, n, i).result(timeout=30) for i in range(100)]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert outcomes == {n: [n + i for i in range(100)] for n in range(8)}
+
+
 def test_asyncio_wrap_future(executor):
     async def main():
         return await asyncio.wait_for(asyncio.wrap_future(executor.submit(square, 9)), 30)
@@ -311,3 +344,21 @@ def test_large_buffers_round_trip(executor):
     arr = np.arange(2_000_000, dtype=np.float64)
     back = executor.submit(np.negative, arr).result(timeout=60)
     assert back.shape == arr.shape and back[12345] == -12345.0
+
+
+class Token:
+    """A result whose lifetime a test watches."""
+
+
+def make_token(_):
+    return Token()
+
+
+@pytest.mark.parametrize("options", [{}, {"chunksize": 3}, {"buffersize": 2}])
+def test_map_keeps_no_reference_to_results_handed_out(executor, options):
+    # As with the stdlib (bpo-14406): a result the caller drops is freed at once.
+    for token in executor.map(make_token, range(7), **options):
+        ref = weakref.ref(token)
+        del token
+        gc.collect()
+        assert ref() is None

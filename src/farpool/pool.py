@@ -260,6 +260,11 @@ class _PoolIO:
         self.init_blob = cloudpickle.dumps((initializer, initargs)) if processes else None
         self.thread = threading.Thread(target=self.run, name="farpool-io", daemon=True)
         self.started = threading.Event()
+        # Held by whoever works on the router and the dispatcher: the I/O thread, except
+        # while it waits in poll, when a submitting thread may take it (see post).
+        self.io_lock = threading.Lock()
+        self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
+        self.router_fd: int = self.router.get(zmq.FD)
 
     # -- caller side ---------------------------------------------------------------
     def start(self) -> None:
@@ -273,8 +278,42 @@ class _PoolIO:
             for task in tasks:
                 self.sink.cancel(task)
             raise RuntimeError("cannot schedule new futures after shutdown")
+        # Fast path: when the I/O thread is waiting and a worker is idle, the caller
+        # sends the task itself, saving a thread switch on every round trip.
+        direct = not self.inbox
         self.inbox.extend(tasks)
-        self.wake()
+        if direct and self.io_lock.acquire(blocking=False):
+            try:
+                self.dispatch_now()
+            finally:
+                self.io_lock.release()
+        else:
+            self.wake()
+
+    def dispatch_now(self) -> None:
+        """In a submitting thread, with ``io_lock``: hand the inbox to idle workers.
+
+        Anything else (a queue to respect, no idle worker, a closing or broken pool,
+        input waiting on the router) is left to the I/O thread, woken for it. Nothing
+        here completes a future, so no done-callback runs in the submitting thread.
+        """
+        dispatcher = self.dispatcher
+        if not self.processes:
+            # Thread workers complete their futures themselves: what they sent back is
+            # bookkeeping, and it tells which of them are idle now.
+            self.receive(caller=True)
+        if (self.closing or self.broken is not None or dispatcher.queued
+                or not any(len(w.held) < w.slots and not w.retiring
+                           for w in dispatcher.workers.values())):
+            self.wake()
+            return
+        inbox = self.inbox
+        while inbox:
+            dispatcher.submit(inbox.popleft())
+        self.dispatch()
+        # A send may have taken the router's wake-up signal: the I/O thread must look.
+        if dispatcher.queued or self.deferred or self.router.get(zmq.EVENTS) & zmq.POLLIN:
+            self.wake()
 
     def wake(self) -> None:
         if not self.wake_pending:
@@ -302,9 +341,12 @@ class _PoolIO:
 
     # -- I/O thread ----------------------------------------------------------------
     def run(self) -> None:
+        self.io_lock.acquire()
         try:
             self.poller = zmq.Poller()
-            self.poller.register(self.router, zmq.POLLIN)
+            # The router's FD, not the router: other threads may use the socket while
+            # this one waits (under io_lock), so the wait must not touch it.
+            self.poller.register(self.router_fd, zmq.POLLIN)
             self.poller.register(self.wake_r, zmq.POLLIN)
             for sock in self.extra:
                 self.poller.register(sock, zmq.POLLIN)
@@ -318,17 +360,26 @@ class _PoolIO:
             self.break_pool(f"the farpool I/O thread failed: {exc!r}")
         finally:
             self.started.set()
-            self.cleanup()
+            try:
+                self.cleanup()
+            finally:
+                self.io_lock.release()
 
     def loop(self) -> None:
         router = self.router
+        router_fd = self.router_fd
         wake_r = self.wake_r
         poll = self.poller.poll
+        lock = self.io_lock
         while True:
-            events = poll(100 if self.closing else None)
+            lock.release()
+            try:
+                events = poll(100 if self.closing else None)
+            finally:
+                lock.acquire()
             woken = False
             for what, _ in events:
-                if what is router:
+                if what == router_fd:
                     continue
                 if what == wake_r:
                     woken = True
@@ -340,19 +391,26 @@ class _PoolIO:
                     self.on_death(what)
             if woken or self.inbox or self.cancel_pending:
                 self.take_inbox(woken)
-            self.receive()
-            if self.broken is None:
-                self.dispatch()
+            while True:
+                self.receive()
+                if self.broken is None:
+                    self.dispatch()
+                # The router's FD only signals changes: after any socket operation (a
+                # send included), look for input before waiting on it again.
+                if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
             if self.closing and self.finished():
                 return
 
     def take_inbox(self, woken: bool = True) -> None:
-        self.wake_pending = False
         if woken:
             try:  # wake() writes at most a byte or two between reads
                 os.read(self.wake_r, 4096)
             except BlockingIOError:
                 pass
+        # Only now: a wake() that found the flag set before this point has its tasks
+        # in the inbox already (drained below); one after it writes a byte again.
+        self.wake_pending = False
         inbox = self.inbox
         submit = self.dispatcher.submit
         while inbox:
@@ -374,8 +432,15 @@ class _PoolIO:
             return True
         return not self.inbox and self.dispatcher.idle()
 
-    def receive(self) -> None:
+    def receive(self, caller: bool = False) -> None:
+        """Handle what the workers sent. A submitting thread (``caller``) handles only
+        thread workers' RESULTS and HELLOs, which complete no future; anything else
+        it leaves in ``deferred`` for the I/O thread."""
         router = self.router
+        deferred = self.deferred
+        while deferred and not caller:
+            worker_id, msg = deferred.popleft()
+            self.handlers[msg.kind](self, worker_id, msg)
         while router.get(zmq.EVENTS) & zmq.POLLIN:
             frames = protocol.recv_frames(router)
             worker_id = frames[0].bytes
@@ -383,6 +448,10 @@ class _PoolIO:
                 msg = protocol.decode(frames[1:])
             except protocol.ProtocolError as exc:
                 print(f"farpool: dropped a malformed message from a worker: {exc}", file=sys.stderr)
+                continue
+            if caller and msg.kind is not Kind.RESULTS and msg.kind is not Kind.HELLO:
+                if msg.kind in self.handlers:
+                    deferred.append((worker_id, msg))
                 continue
             handler = self.handlers.get(msg.kind)
             if handler is not None:
