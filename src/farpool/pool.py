@@ -263,6 +263,7 @@ class _PoolIO:
         # Held by whoever works on the router and the dispatcher: the I/O thread, except
         # while it waits in poll, when a submitting thread may take it (see post).
         self.io_lock = threading.Lock()
+        self.outcomes: list[tuple[Task, protocol.ResultEntry, list[Any]]] = []  # see deliver
         self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
         self.router_fd: int = self.router.get(zmq.FD)
 
@@ -311,6 +312,8 @@ class _PoolIO:
         while inbox:
             dispatcher.submit(inbox.popleft())
         self.dispatch()
+        if not self.processes:
+            self.receive(caller=True)  # a fast thread worker may have answered already
         # A send may have taken the router's wake-up signal: the I/O thread must look.
         if dispatcher.queued or self.deferred or self.router.get(zmq.EVENTS) & zmq.POLLIN:
             self.wake()
@@ -399,6 +402,8 @@ class _PoolIO:
                 # send included), look for input before waiting on it again.
                 if not router.get(zmq.EVENTS) & zmq.POLLIN:
                     break
+            if self.outcomes:
+                self.deliver()
             if self.closing and self.finished():
                 return
 
@@ -479,7 +484,17 @@ class _PoolIO:
             pos += entry.nframes
             task = finished(worker_id, entry.task_id, entry.duration)
             if task is not None:
-                self.sink.result(task, entry, payload)
+                self.outcomes.append((task, entry, payload))
+        if threading.current_thread() is not self.thread:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Hand finished tasks to the sink. The I/O thread does it last in each round,
+        after sending work out, just before it waits: a caller woken by its result
+        then finds the interpreter free instead of waiting on this thread."""
+        outcomes, self.outcomes = self.outcomes, []
+        for task, entry, payload in outcomes:
+            self.sink.result(task, entry, payload)
 
     def on_bye(self, worker_id: bytes, msg: protocol.Message) -> None:
         reason = msg.body[0]
@@ -655,6 +670,7 @@ class _PoolIO:
     def cleanup(self) -> None:
         """Stop workers in order: ask, wait, terminate, kill; then free sockets."""
         self.closing = True
+        self.deliver()  # results taken in a round that failed half-way
         self.stop_threads.set()
         for worker_id in list(self.dispatcher.workers):
             try:
