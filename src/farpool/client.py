@@ -18,6 +18,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -38,9 +39,40 @@ def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
 
 def _result_or_cancel(future: Future, timeout: float | None = None) -> Any:
     try:
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        finally:
+            future.cancel()
     finally:
-        future.cancel()
+        del future  # no cycle through a raised exception's traceback
+
+
+def _result_iterator(futures: deque[Future], end_time: float | None,
+                     refill: Callable[[], list[Future]] | None) -> Iterator[Any]:
+    """Yield the results of ``futures`` in order, cancelling the rest if abandoned.
+
+    No local keeps a future (and so its result) alive while the caller holds the
+    value: a result the caller drops is freed at once, as with the stdlib.
+    """
+    try:
+        while futures:
+            if refill is not None:
+                futures.extend(refill())
+            if end_time is None:
+                yield _result_or_cancel(futures.popleft())
+            else:
+                yield _result_or_cancel(futures.popleft(), end_time - time.monotonic())
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:
+    """The results of chunked tasks, one by one, keeping none the caller has taken."""
+    for chunk in chunks:
+        chunk.reverse()
+        while chunk:
+            yield chunk.pop()
 
 
 class Executor(concurrent.futures.Executor):
@@ -125,29 +157,25 @@ class Executor(concurrent.futures.Executor):
         else:
             futures.extend(self._submit_many(task_fn, list(itertools.islice(calls, buffersize))))
 
-        results = self._results(futures, end_time, task_fn, calls, buffersize)
-        if chunked:
-            return itertools.chain.from_iterable(results)
-        return results
+        refill: Callable[[], list[Future]] | None = None
+        if buffersize is not None:
+            # A weak reference: an executor dropped while its map is being read can
+            # still be collected (and shut down), as with the stdlib.
+            executor = weakref.ref(self)
 
-    def _results(self, futures: deque[Future], end_time: float | None, task_fn: Any,
-                 calls: Iterator[tuple[Any, ...]], buffersize: int | None) -> Iterator[Any]:
-        # Holding self only while iterating lets an abandoned executor be collected.
-        try:
-            while futures:
-                future = futures.popleft()
-                if buffersize is not None:
-                    more = list(itertools.islice(calls, 1))
-                    if more and not self._shutdown:
-                        futures.extend(self._submit_many(task_fn, more))
-                if end_time is None:
-                    yield _result_or_cancel(future)
-                else:
-                    yield _result_or_cancel(future, end_time - time.monotonic())
-                del future
-        finally:
-            for future in futures:
-                future.cancel()
+            def submit_next() -> list[Future]:
+                ex = executor()
+                more = list(itertools.islice(calls, 1))
+                if ex is None or not more or ex._shutdown:
+                    return []
+                return ex._submit_many(task_fn, more)
+
+            refill = submit_next
+
+        results = _result_iterator(futures, end_time, refill)
+        if chunked:
+            return _flatten(results)
+        return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks; with ``wait``, return once every pending task is done.
