@@ -151,6 +151,15 @@ def test_workers_are_fresh_interpreters(pool):
     assert b"farpool.worker" in argv, argv
 
 
+def test_remote_traceback_of_a_lambda_names_its_file_and_line(pool):
+    # cloudpickle names code it pickles by value "<dynamic-code>"; the traceback of a
+    # lambda, closure or __main__ function keeps where it was written, source and all.
+    divide = lambda x: 1 / x  # noqa: E731 - this very line shows in the traceback
+    cause = str(pool.submit(divide, 0).exception(timeout=30).__cause__)
+    assert __file__ in cause
+    assert "divide = lambda x: 1 / x" in cause
+
+
 def uses_farpool_in_the_worker():
     import farpool
 

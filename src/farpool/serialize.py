@@ -19,6 +19,7 @@ receiver that has seen a function skips both the bytes and the unpickling.
 
 from __future__ import annotations
 
+import io
 import operator
 import pickle
 import struct
@@ -26,7 +27,7 @@ import sys
 import traceback
 import types
 import weakref
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,28 @@ CHUNK_MIN_BYTES = 2 * CHUNK_BYTES
 _LAYOUT = b"L"
 
 _SIMPLE_TYPES = frozenset({int, float, str, bool, type(None), complex})
+_cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
+
+def _code_reduce(code: types.CodeType) -> Any:
+    rebuild, args = _cloudpickle_code_reduce(code)  # type: ignore[misc]
+    return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, except that code pickled by value (a lambda, a closure, a
+    ``__main__`` function) keeps its file name, where cloudpickle writes
+    ``<dynamic-code>``: a worker's traceback then names the file and shows the source
+    line, as with the stdlib's process pool."""
+
+    if _cloudpickle_code_reduce is not None:
+        dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+
+def _cloudpickle(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
+    with io.BytesIO() as file:
+        Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
 _EMPTY_ARGS = pickle.dumps(((), {}), protocol=5)
 
 
@@ -64,7 +87,7 @@ def dumps(obj: Any, *, chunked: bool = False) -> list[Any]:
         buffers.append(buf)
         return False
 
-    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=collect)
+    stream = _cloudpickle(obj, collect)
     views = [b.raw() for b in buffers]
     if not chunked or not any(v.nbytes > CHUNK_MIN_BYTES for v in views):
         return [stream, *views]
@@ -174,7 +197,7 @@ class FunctionPickler:
                 return old[1], old[2]
         import hashlib  # here: worker processes never need it (start-up time)
 
-        blob = cloudpickle.dumps(fn, protocol=5)
+        blob = _cloudpickle(fn)
         key = hashlib.blake2b(blob, digest_size=16).digest()
         if _pickles_by_reference(fn):
             # Holding fn keeps its id from being reused by another object.
