@@ -109,17 +109,49 @@ def test_retries_rerun_a_task_whose_worker_died(tmp_path):
 
 
 def test_argument_that_fails_to_unpickle_in_the_worker(pool):
+    # The stdlib pool breaks whole here, with BrokenProcessPool: farpool fails this
+    # task with a subclass of it, caused by the unpickling error, and goes on.
     fut = pool.submit(square, FailsToUnpickle())
-    with pytest.raises(ValueError, match="cannot rebuild"):
+    with pytest.raises(farpool.UnpicklingFailed, match="cannot rebuild") as info:
         fut.result(timeout=30)
+    assert isinstance(info.value, cf.process.BrokenProcessPool)
+    assert "_explode" in str(info.value.__cause__)  # the worker's traceback
     assert pool.submit(square, 3).result(timeout=30) == 9
 
 
 def test_result_that_fails_to_unpickle_in_the_client(pool):
     fut = pool.submit(return_fails_to_unpickle)
-    with pytest.raises(ValueError, match="cannot rebuild"):
+    with pytest.raises(farpool.UnpicklingFailed, match="cannot rebuild") as info:
         fut.result(timeout=30)
+    assert isinstance(info.value, cf.process.BrokenProcessPool)
+    assert isinstance(info.value.__cause__, ValueError)
     assert pool.submit(square, 3).result(timeout=30) == 9
+
+
+class ExitsWhenUnpickled:
+    def __reduce__(self):
+        return (sys.exit, (1,))
+
+
+def test_exit_while_unpickling_fails_that_task_only(pool):
+    # SystemExit while a worker rebuilds the arguments, or while the client rebuilds
+    # the result: the stdlib reports BrokenProcessPool (after losing the pool).
+    for fut in (pool.submit(square, ExitsWhenUnpickled()), pool.submit(ExitsWhenUnpickled)):
+        with pytest.raises(cf.process.BrokenProcessPool):
+            fut.result(timeout=30)
+    assert pool.submit(square, 4).result(timeout=30) == 16
+
+
+def raise_runtime_error():
+    raise RuntimeError(123)
+
+
+def test_remote_traceback_is_the_stdlib_type(pool):
+    # What the stdlib's process pool sets as __cause__, for code that inspects it.
+    exc = pool.submit(raise_runtime_error).exception(timeout=30)
+    assert type(exc) is RuntimeError and exc.args == (123,)
+    assert type(exc.__cause__) is cf.process._RemoteTraceback
+    assert "raise RuntimeError(123)" in exc.__cause__.tb
 
 
 def test_unpicklable_exception_reported_as_pickling_error(pool):

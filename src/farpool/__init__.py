@@ -16,6 +16,7 @@ from .errors import (
     SchedulerLost,
     SecurityError,
     ThreadPoolBroken,
+    UnpicklingFailed,
     VersionMismatch,
     WorkerLost,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "SecurityError",
     "ThreadPoolBroken",
     "ThreadPoolExecutor",
+    "UnpicklingFailed",
     "VersionMismatch",
     "WorkerLost",
     "__version__",

@@ -8,6 +8,7 @@ stdlib's, so ``except BrokenExecutor`` (or ``BrokenProcessPool``) keeps working:
           ├── WorkerLost                    (+ BrokenProcessPool) a worker died under a task
           ├── ProcessPoolBroken             (+ BrokenProcessPool) the pool cannot run tasks
           ├── ThreadPoolBroken              (+ BrokenThreadPool)  the pool cannot run tasks
+          ├── UnpicklingFailed              (+ BrokenProcessPool) a task's payload did not unpickle
           ├── SchedulerLost                 (+ BrokenExecutor) the scheduler went away
           ├── BackendUnavailable            (+ ImportError) an optional engine is missing
           ├── ProtocolError                 a frame off the wire is malformed
@@ -20,9 +21,11 @@ themselves, with the remote traceback as their ``__cause__``.
 
 from __future__ import annotations
 
+import concurrent.futures.process
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures.thread import BrokenThreadPool
+from typing import TYPE_CHECKING
 
 __all__ = [
     "BackendUnavailable",
@@ -33,6 +36,7 @@ __all__ = [
     "SchedulerLost",
     "SecurityError",
     "ThreadPoolBroken",
+    "UnpicklingFailed",
     "VersionMismatch",
     "WorkerLost",
 ]
@@ -57,6 +61,23 @@ class ThreadPoolBroken(FarpoolError, BrokenThreadPool):
     """A thread pool can no longer run tasks (for example, an initializer failed)."""
 
 
+class UnpicklingFailed(FarpoolError, BrokenProcessPool):
+    """A task's function or arguments did not unpickle in the worker, or its result or
+    exception did not unpickle in the client.
+
+    The stdlib's process pool breaks whole in these cases, with ``BrokenProcessPool``;
+    farpool fails only this task, with this subclass of it, and goes on. The error
+    that unpickling raised is the ``__cause__``.
+    """
+
+
+def unpickling_failed(what: str, error: BaseException) -> UnpicklingFailed:
+    """An ``UnpicklingFailed`` about ``what`` ("the result of task 3"), caused by ``error``."""
+    failed = UnpicklingFailed(f"{what} could not be unpickled: {type(error).__name__}: {error}")
+    failed.__cause__ = error
+    return failed
+
+
 class SchedulerLost(FarpoolError, BrokenExecutor):
     """The scheduler of a remote backend stopped answering."""
 
@@ -77,7 +98,7 @@ class SecurityError(FarpoolError):
     """Keys are missing, have unsafe permissions, or a peer was refused."""
 
 
-class RemoteTraceback(Exception):
+class _RemoteTraceback(Exception):
     """Carries a worker's formatted traceback; set as ``__cause__`` of a task's error."""
 
     def __init__(self, tb: str) -> None:
@@ -86,3 +107,11 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+# The stdlib's own class where it has one (the same two members as ours), so code that
+# inspects a process pool error's cause sees the very type the stdlib gives it.
+if TYPE_CHECKING:
+    RemoteTraceback = _RemoteTraceback
+else:
+    RemoteTraceback = getattr(concurrent.futures.process, "_RemoteTraceback", _RemoteTraceback)

@@ -42,7 +42,7 @@ import zmq
 
 from . import protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot
-from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost
+from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
 from .supervisor import WorkerProcess, describe_exit, spawn_worker
 from .worker import SharedCalls, WorkerLoop, hello, run_initializer
@@ -111,7 +111,9 @@ class FutureSink:
                 future.set_exception(serialize.load_exception(payload))
         except BaseException as exc:  # noqa: BLE001 - unpicklable result or error
             if not future.done():
-                future.set_exception(exc)
+                what = "result" if entry.status == Status.OK else "exception"
+                future.set_exception(unpickling_failed(
+                    f"the {what} of task {task.task_id} ({task.label})", exc))
 
     def fail(self, task: Task, exc: BaseException) -> None:
         future = task.context

@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from . import protocol, serialize
+from .errors import unpickling_failed
 from .protocol import Kind, Status, TaskEntry
 
 # Batching of results (see WorkerLoop): how long and how many results may wait, and
@@ -73,6 +74,10 @@ class PickledCalls:
             if isinstance(fn, BaseException):
                 raise fn
             args, kwargs = serialize.loads(frames)
+        except BaseException as exc:  # noqa: BLE001 - this task fails, the worker goes on
+            what = f"the function or arguments of task {entry.task_id}"
+            return Status.ERROR, serialize.dump_exception(unpickling_failed(what, exc))
+        try:
             del frames, item
             result = fn(*args, **kwargs)
             del args, kwargs

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .. import serialize
-from ..errors import ProcessPoolBroken
+from ..errors import ProcessPoolBroken, unpickling_failed
 from ..worker import run_initializer
 
 
@@ -37,25 +37,34 @@ class InlineBackend:
                 self.broken = self.broken_type(
                     "A process initializer failed, the process pool is not usable anymore")
                 raise self.broken_type(str(self.broken))
+        # Failures as on a process pool: a pickling error as itself, an unpickling
+        # error as UnpicklingFailed (a BrokenProcessPool).
         try:
-            call = serialize.loads(serialize.dumps((fn, args, kwargs)))
+            frames = serialize.dumps((fn, args, kwargs))
         except BaseException as exc:  # noqa: BLE001 - as a pool: the future fails
             future.set_exception(exc)
+            return future
+        try:
+            call = serialize.loads(frames)
+        except BaseException as exc:  # noqa: BLE001
+            future.set_exception(unpickling_failed("the function or arguments", exc))
             return future
         future.set_running_or_notify_cancel()
         fn, args, kwargs = call
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001
-            try:
-                future.set_exception(serialize.load_exception(serialize.dump_exception(exc)))
-            except BaseException as err:  # noqa: BLE001 - the error did not unpickle
-                future.set_exception(err)
+            future.set_exception(_round_trip_error(exc))
             return future
         try:
-            future.set_result(serialize.loads(serialize.dumps(result)))
+            frames = serialize.dumps(result)
         except BaseException as exc:  # noqa: BLE001 - an unpicklable result
-            future.set_exception(exc)
+            future.set_exception(_round_trip_error(exc))
+            return future
+        try:
+            future.set_result(serialize.loads(frames))
+        except BaseException as exc:  # noqa: BLE001
+            future.set_exception(unpickling_failed("the result", exc))
         return future
 
     def submit_many(self, fn: Callable[..., Any],
@@ -64,3 +73,11 @@ class InlineBackend:
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         pass
+
+
+def _round_trip_error(exc: BaseException) -> BaseException:
+    """A task's exception as a process pool's client would get it back."""
+    try:
+        return serialize.load_exception(serialize.dump_exception(exc))
+    except BaseException as err:  # noqa: BLE001 - the exception did not unpickle
+        return unpickling_failed("the exception", err)
