@@ -288,6 +288,115 @@ def test_initializer_failure_in_processes_is_broken_executor():
         ex.shutdown()
 
 
+@pytest.fixture(scope="module")
+def spawn_context():
+    """A spawn context with multiprocessing's resource tracker already running: the
+    tracker is a child process that lives as long as the session, not a leak."""
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    return multiprocessing.get_context("spawn")
+
+
+def log_to_queue_then_fail(queue):
+    # As a user's initializer would send its workers' logs home (the logging cookbook).
+    import logging
+    from logging.handlers import QueueHandler
+
+    logger = logging.getLogger("concurrent.futures")
+    logger.addHandler(QueueHandler(queue))
+    logger.propagate = False
+    raise ValueError("error in initializer")
+
+
+def test_initializer_gets_multiprocessing_objects_and_its_failure_is_logged(spawn_context):
+    # Like the stdlib's pool under spawn: a multiprocessing Queue is a valid initarg,
+    # and a failing initializer is logged (CRITICAL, "concurrent.futures") before the
+    # pool reports itself broken.
+    queue = spawn_context.Queue()
+    ex = farpool.ProcessPoolExecutor(1, mp_context=spawn_context,
+                                     initializer=log_to_queue_then_fail, initargs=(queue,))
+    try:
+        with pytest.raises(cf.BrokenExecutor):
+            ex.submit(square, 1).result(timeout=30)
+        record = queue.get(timeout=10)
+        assert record.levelname == "CRITICAL"
+        assert "Exception in initializer" in record.getMessage()
+        assert "ValueError: error in initializer" in record.getMessage()
+    finally:
+        ex.shutdown()
+        queue.close()
+        queue.join_thread()
+
+
+def test_thread_initializer_failure_is_logged_like_the_stdlib(caplog):
+    ex = farpool.ThreadPoolExecutor(1, initializer=raise_runtime_error)
+    try:
+        with caplog.at_level("CRITICAL", logger="concurrent.futures"):
+            with pytest.raises(cf.BrokenExecutor):
+                ex.submit(square, 1).result(timeout=30)
+        assert any("Exception in initializer" in r.getMessage() and r.exc_info
+                   for r in caplog.records)
+    finally:
+        ex.shutdown()
+
+
+def add_to(counter, n):
+    with counter.get_lock():
+        counter.value += n
+    return counter.value
+
+
+def init_counter(counter):
+    global _COUNTER
+    _COUNTER = counter
+
+
+def add_to_global(n):
+    return add_to(_COUNTER, n)
+
+
+def test_shared_value_as_initarg(spawn_context):
+    counter = spawn_context.Value("i", 0)
+    with farpool.ProcessPoolExecutor(2, initializer=init_counter, initargs=(counter,)) as ex:
+        list(ex.map(add_to_global, [1] * 10))
+    assert counter.value == 10
+
+
+def test_fork_context_objects_are_refused_at_construction():
+    import multiprocessing
+
+    fds_before = len(os.listdir("/proc/self/fd"))
+    lock = multiprocessing.get_context("fork").Lock()
+    with pytest.raises(RuntimeError, match="fork"):
+        farpool.ProcessPoolExecutor(1, initializer=init_counter, initargs=(lock,))
+    del lock
+    # Nothing of the half-built pool is left open (it used to keep a zmq context that
+    # hung the garbage collector).
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def store(mapping, key, value):
+    mapping[key] = value
+
+
+def test_manager_proxies_work_in_tasks(pool, spawn_context):
+    # Workers share the client's multiprocessing authkey, as the stdlib's children do.
+    with spawn_context.Manager() as manager:
+        shared = manager.dict()
+        pool.submit(store, shared, "answer", 42).result(timeout=30)
+        assert shared["answer"] == 42
+
+
+def test_max_tasks_per_child_with_fork_context_is_refused_like_the_stdlib():
+    import multiprocessing
+
+    with pytest.raises(ValueError, match="fork"):
+        farpool.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                                    max_tasks_per_child=3)
+
+
 def test_dropped_executor_is_shut_down():
     ex = farpool.ProcessPoolExecutor(max_workers=1)
     fut = ex.submit(slow, 5, 0.2)

@@ -37,19 +37,19 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
-import cloudpickle
 import zmq
 
 from . import protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
-from .supervisor import WorkerProcess, describe_exit, spawn_worker
+from .supervisor import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
 from .worker import SharedCalls, WorkerLoop, hello, run_initializer
 
 # Consecutive workers dying before their first HELLO that break the pool (a broken
 # environment would otherwise respawn forever).
 MAX_START_FAILURES = 3
+_INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
 
 _live_pools: weakref.WeakSet[_PoolIO] = weakref.WeakSet()
@@ -219,6 +219,10 @@ class _PoolIO:
                  initargs: tuple[Any, ...], max_tasks: int | None, thread_name_prefix: str,
                  retries: int, sink: Any = None) -> None:
         self.processes = processes
+        # Before any pipe, socket or thread exists: initargs that do not pickle fail
+        # the constructor without leaving anything behind.
+        self.init_blob, self.init_fds = (pickle_initializer(initializer, initargs)
+                                         if processes else (None, ()))
         # Outcomes go to futures here; a worker daemon relays them upstream instead.
         self.sink = sink if sink is not None else FutureSink(pickled=processes)
         # Extra sockets the I/O thread polls, with their handlers (a daemon's upstream).
@@ -259,7 +263,6 @@ class _PoolIO:
         else:
             self.address = f"inproc://farpool-{id(self):x}"
         self.router.bind(self.address)
-        self.init_blob = cloudpickle.dumps((initializer, initargs)) if processes else None
         self.thread = threading.Thread(target=self.run, name="farpool-io", daemon=True)
         self.started = threading.Event()
         # Held by whoever works on the router and the dispatcher: the I/O thread, except
@@ -504,8 +507,11 @@ class _PoolIO:
         if proc is not None:
             proc.said_bye = reason
         if reason.startswith("initializer failed"):
-            kind = "process" if self.processes else "thread"
-            self.break_pool(f"A {kind} initializer failed, the {kind} pool is not usable anymore")
+            # A live process: the pool breaks once it has exited (on_death), as the
+            # stdlib's does, so what its exit flushes (a multiprocessing Queue fed by a
+            # log handler the initializer set up) has arrived when callers see it broken.
+            if proc is None:  # a thread, or a process already seen dead
+                self.break_pool(_INIT_FAILED.format(kind="process" if self.processes else "thread"))
             return
         # A retiring worker answered everything before its BYE.
         for task in self.dispatcher.remove_worker(worker_id):
@@ -556,7 +562,8 @@ class _PoolIO:
         if self.processes:
             assert self.runtime_dir is not None
             proc = spawn_worker(worker_id, self.address, self.runtime_dir,
-                                max_tasks=self.max_tasks, init_blob=self.init_blob)
+                                max_tasks=self.max_tasks, init_blob=self.init_blob,
+                                inherit_fds=self.init_fds)
             self.procs[worker_id] = proc
             self.poller.register(proc.control, zmq.POLLIN)
         else:
@@ -613,6 +620,8 @@ class _PoolIO:
         if not proc.said_bye or held:
             self.handle_lost(proc, code, held)
         proc.close()
+        if proc.said_bye.startswith("initializer failed"):
+            self.break_pool(_INIT_FAILED.format(kind="process"))
         if self.broken is not None:
             return
         if not proc.said_hello and not proc.said_bye:

@@ -14,6 +14,7 @@ crash the parent knows exactly which task was the victim and which never started
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import os
 import pickle
 import signal
@@ -82,6 +83,64 @@ class WorkerProcess:
             pass
 
 
+class InheritedFd:
+    """A file descriptor a worker inherits at the same number (see ``pickle_initializer``);
+    multiprocessing rebuilds its objects from it with ``detach``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        return self.fd
+
+
+class _Spawning:
+    """Stands for the process being started while initargs are pickled, as in
+    multiprocessing's spawn start method: its objects (Queue, Lock, Event, Value...)
+    then agree to be pickled, and the descriptors they need are collected."""
+
+    DupFd = InheritedFd
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def duplicate_for_child(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+
+def pickle_initializer(initializer: Any, initargs: tuple[Any, ...]) -> tuple[bytes, tuple[int, ...]]:
+    """Pickle a pool's initializer and initargs for its worker processes.
+
+    As with the stdlib's pools started by spawn or forkserver, initargs may hold
+    multiprocessing objects made for those start methods (a Queue for logging, a Lock):
+    they are pickled the way multiprocessing hands them to a new process, and the file
+    descriptors returned must be inherited by every worker. Objects made for a fork
+    context cannot reach a fresh interpreter: multiprocessing says so in the error.
+    """
+    import io
+    from collections import ChainMap
+    from multiprocessing import context
+    from multiprocessing.reduction import ForkingPickler
+
+    from .serialize import Pickler as TaskPickler
+
+    class Pickler(TaskPickler):
+        # Ours first; multiprocessing's for what it adds (connections, shared memory
+        # arenas, sockets).
+        dispatch_table = ChainMap(TaskPickler.dispatch_table,
+                                  ForkingPickler(io.BytesIO()).dispatch_table)
+
+    spawning = _Spawning()
+    buf = io.BytesIO()
+    context.set_spawning_popen(spawning)
+    try:
+        Pickler(buf, protocol=5).dump((initializer, initargs))
+    finally:
+        context.set_spawning_popen(None)
+    return buf.getvalue(), tuple(dict.fromkeys(spawning.fds))
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "an unknown status"
@@ -97,11 +156,14 @@ def describe_exit(returncode: int | None) -> str:
 def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
                  initializer: Any = None, initargs: tuple[Any, ...] = (),
                  max_tasks: int | None = None, init_blob: bytes | None = None,
+                 inherit_fds: tuple[int, ...] = (),
                  extra: dict[str, Any] | None = None) -> WorkerProcess:
     """Start one worker process that connects to ``address`` as ``worker_id``.
 
-    ``extra`` adds to the worker's configuration (a daemon's worker: "network" for
-    keys and heartbeats, "hello" for what its HELLO says)."""
+    ``init_blob`` and ``inherit_fds`` come from ``pickle_initializer`` (made here from
+    ``initializer`` and ``initargs`` when not given). ``extra`` adds to the worker's
+    configuration (a daemon's worker: "network" for keys and heartbeats, "hello" for
+    what its HELLO says)."""
     state_path = os.path.join(runtime_dir, f"{worker_id.decode()}.state")
     with open(state_path, "wb") as f:
         f.write(b"\0" * STATE.size)
@@ -109,9 +171,7 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         state = mmap.mmap(f.fileno(), STATE.size)
     ours, theirs = socket.socketpair()
     if init_blob is None:
-        import cloudpickle
-
-        init_blob = cloudpickle.dumps((initializer, initargs))
+        init_blob, inherit_fds = pickle_initializer(initializer, initargs)
     from . import __version__
     config = {
         "worker_id": worker_id,
@@ -122,13 +182,16 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         "initializer": init_blob,
         "max_tasks": max_tasks,
         "version": __version__,
+        # As multiprocessing gives its children: Manager proxies passed to a task or
+        # an initializer connect back to their manager with this key.
+        "authkey": bytes(multiprocessing.current_process().authkey),
         **(extra or {}),
     }
     try:
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT.format(_PACKAGE_DIR), "farpool.worker"],
             stdin=subprocess.PIPE,
-            pass_fds=(theirs.fileno(),),
+            pass_fds=(theirs.fileno(), *inherit_fds),
             close_fds=True,
         )
     finally:

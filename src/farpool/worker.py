@@ -324,9 +324,12 @@ def run_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any,
     try:
         initializer(*initargs)
     except BaseException:  # noqa: BLE001 - reported to the pool, which breaks
-        tb = traceback.format_exc()
-        print(f"farpool: exception in initializer:\n{tb}", file=sys.stderr, flush=True)
-        return tb
+        import logging  # only now: worker start-up time
+
+        # Where and how the stdlib pools report it, so logging set up for them (even by
+        # the initializer itself) sees it.
+        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
+        return traceback.format_exc()
     return None
 
 
@@ -396,6 +399,10 @@ def _process_main() -> int:
     if config.get("network"):
         _secure_network_socket(sock, config["network"])
     sock.connect(config["address"])
+    if "authkey" in config:  # the client's, for its Manager proxies (loaded already)
+        import multiprocessing.process
+
+        multiprocessing.process.current_process().authkey = config["authkey"]
     try:
         initializer, initargs = pickle.loads(config["initializer"])
     except BaseException:  # noqa: BLE001

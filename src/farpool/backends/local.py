@@ -37,6 +37,13 @@ def open_processes(address: str, *, max_workers: int | None = None, initializer:
     workers = check_workers(max_workers, os.cpu_count() or 1)
     _check_common(initializer, max_tasks_per_child, retries)
     # mp_context is accepted for compatibility: workers are always fresh interpreters.
+    # The stdlib refuses max_tasks_per_child with a fork context (forking replacement
+    # workers from a process with threads is unsafe); code written for it never relies
+    # on that pairing, so refuse it the same way.
+    if (max_tasks_per_child is not None and mp_context is not None
+            and mp_context.get_start_method(allow_none=False) == "fork"):
+        raise ValueError("max_tasks_per_child is incompatible with the 'fork' "
+                         "multiprocessing start method; supply a different mp_context.")
     return LocalPool(processes=True, max_workers=workers, initializer=initializer,
                      initargs=tuple(initargs), max_tasks_per_child=max_tasks_per_child,
                      retries=retries)
