@@ -433,9 +433,23 @@ class _PoolIO:
             self.cancel_queued()
 
     def cancel_queued(self) -> None:
+        """``shutdown(cancel_futures=True)``: cancel the tasks no worker is there for.
+
+        By the time a caller shuts a stdlib pool down, its workers have taken the first
+        tasks (its process pool even marks max_workers + 1 of them running at submit).
+        This thread may see the submits and the shutdown at once: so idle workers take
+        tasks first, and as many stay queued as workers are starting up.
+        """
+        if self.broken is None:
+            self.dispatch()
+        keep = self.starting
         for client in list(self.dispatcher.queues):
             for task in self.dispatcher.drop_client(client):
-                self.sink.cancel(task)
+                if keep > 0:
+                    keep -= 1
+                    self.dispatcher.submit(task)
+                else:
+                    self.sink.cancel(task)
 
     def finished(self) -> bool:
         if self.broken is not None:
