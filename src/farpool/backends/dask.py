@@ -239,6 +239,7 @@ class DaskBackend(EngineBackend):
         """
         await dfut._state.wait()
         self._ready.append((future, dfut))
+        del future, dfut  # this task may go on fetching others: hold no result
         if self._fetching:
             return  # the running fetch takes it next
         self._fetching = True
@@ -247,20 +248,24 @@ class DaskBackend(EngineBackend):
             # after this one: one turn of the loop lets them join this batch.
             await asyncio.sleep(0)
             while self._ready:
-                batch, self._ready = self._ready, []
-                try:
-                    outcomes = await self._fetch(batch)
-                except BaseException as exc:  # noqa: BLE001 - a bug: no future may wait forever
-                    outcomes = [(fut, (handle, False, exc)) for fut, handle in batch]
-                # Results are set here when they can be; the rest go to the results thread.
-                rest = []
-                for fut, (handle, ok, payload) in outcomes:
-                    if not (ok and self._settle_here(fut, payload)):
-                        rest.append((fut, (handle, ok, payload)))
-                self._engine_done_many(rest)
-                self._keep([handle for _, (handle, _, _) in outcomes])
+                await self._fetch_ready()
         finally:
             self._fetching = False
+
+    async def _fetch_ready(self) -> None:
+        """Fetch what is ready, and hand it out; nothing of it stays referenced here."""
+        batch, self._ready = self._ready, []
+        try:
+            outcomes = await self._fetch(batch)
+        except BaseException as exc:  # noqa: BLE001 - a bug: no future may wait forever
+            outcomes = [(fut, (handle, False, exc)) for fut, handle in batch]
+        # Results are set here when they can be; the rest go to the results thread.
+        rest = []
+        for fut, (handle, ok, payload) in outcomes:
+            if not (ok and self._settle_here(fut, payload)):
+                rest.append((fut, (handle, ok, payload)))
+        self._engine_done_many(rest)
+        self._keep([handle for _, (handle, _, _) in outcomes])
 
     def _keep(self, dfuts: list[Any]) -> None:
         """On the event loop: keep these done tasks' Dask futures rather than drop them.
