@@ -379,5 +379,12 @@ def test_map_keeps_no_reference_to_results_handed_out(executor, address, options
     for token in executor.map(make_token, range(7), **options):
         ref = weakref.ref(token)
         del token
-        gc.collect()
+        # A thread worker may still be returning from set_result (its frame holds the
+        # value for a moment): allow that, but no lasting reference.
+        deadline = time.monotonic() + 2.0
+        while True:
+            gc.collect()
+            if ref() is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
         assert ref() is None
