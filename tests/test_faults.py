@@ -108,6 +108,30 @@ def test_retries_rerun_a_task_whose_worker_died(tmp_path):
         assert ex.submit(crash_once, marker).result(timeout=30) == "second try"
 
 
+def crash_once_later(marker, delay):
+    time.sleep(delay)
+    return crash_once(marker)
+
+
+def test_cancel_futures_spares_tasks_already_started_when_their_worker_dies(tmp_path):
+    # Tasks the worker had started or taken (prefetched) are requeued when it dies: they
+    # are running already, so shutdown(cancel_futures=True) must let them finish, not
+    # drop them and leave their futures running for ever.
+    ex = farpool.Executor("processes", max_workers=1, retries=1)
+    try:
+        assert list(ex.map(square, range(50))) == [i * i for i in range(50)]  # timed short
+        victim = ex.submit(crash_once_later, str(tmp_path / "crashed-once"), 0.5)
+        time.sleep(0.1)
+        behind = [ex.submit(square, i) for i in range(5)]
+        time.sleep(0.1)
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    assert victim.result(timeout=10) == "second try"
+    for i, fut in enumerate(behind):
+        assert fut.done()
+        assert fut.cancelled() or fut.result() == i * i
+
+
 def test_argument_that_fails_to_unpickle_in_the_worker(pool):
     # The stdlib pool breaks whole here, with BrokenProcessPool: farpool fails this
     # task with a subclass of it, caused by the unpickling error, and goes on.

@@ -122,8 +122,11 @@ class FutureSink:
         if future.running() or future.set_running_or_notify_cancel():
             future.set_exception(exc)
 
-    def cancel(self, task: Task) -> None:
-        task.context.cancel()
+    def cancel(self, task: Task) -> bool:
+        """Cancel a queued task; False when it has started already (requeued after its
+        worker died): it must still run."""
+        future = task.context
+        return future.cancel() or future.done()
 
 
 class LocalPool:
@@ -448,8 +451,8 @@ class _PoolIO:
                 if keep > 0:
                     keep -= 1
                     self.dispatcher.submit(task)
-                else:
-                    self.sink.cancel(task)
+                elif not self.sink.cancel(task):
+                    self.dispatcher.submit(task)
 
     def finished(self) -> bool:
         if self.broken is not None:
