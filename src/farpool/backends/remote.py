@@ -382,7 +382,6 @@ class _RemoteIO:
         next_beat = time.monotonic() + self.heartbeat
         timeout = max(10, int(self.heartbeat * 500))
         while True:
-            poller.poll(timeout)
             with self.lock:
                 if self.monitor is not None and protocol.readable(self.monitor):
                     self.on_monitor()
@@ -399,6 +398,9 @@ class _RemoteIO:
                 if self.closing and (self.broken is not None or not self.ever_welcomed
                                      or (not self.inbox and not self.unfinished)):
                     return
+            # Sleep only after a pass that ended by checking for input (see above): the
+            # HELLO sent before the first pass may have taken the socket's signal too.
+            poller.poll(timeout)
 
     def tick(self, now: float) -> None:
         """Heartbeats out; notice a silent scheduler; give up after the reconnect window."""
