@@ -303,6 +303,26 @@ def test_interpreter_exit_finishes_pending_work_without_shutdown():
     assert "apple" in result.stdout and "pear" in result.stdout
 
 
+def test_exit_right_after_shutdown_without_wait_finishes_running_task():
+    # CPython's gh-83386 (its own test skips its process pool, which hangs there): a
+    # script ends just after shutdown(wait=False); the task still runs, quietly.
+    result = _run_script("""
+        import sys, time
+        from farpool import ProcessPoolExecutor
+        def sleep_and_print(t, msg):
+            time.sleep(t)
+            print(msg)
+            sys.stdout.flush()
+        if __name__ == "__main__":
+            t = ProcessPoolExecutor(max_workers=3)
+            t.submit(sleep_and_print, 1.0, "apple")
+            t.shutdown(wait=False)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.strip() == "apple"
+
+
 def test_initializer_failure_in_processes_is_broken_executor():
     ex = farpool.ProcessPoolExecutor(max_workers=2, initializer=crash_exit, initargs=(0,))
     try:

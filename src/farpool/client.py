@@ -187,6 +187,12 @@ class Executor(concurrent.futures.Executor):
             self._shutdown = True
         self._backend.shutdown(wait, cancel_futures)
 
+    @property
+    def _broken(self) -> str | bool:
+        """As in the stdlib pools: False, or why the executor is broken."""
+        broken = self._backend.broken
+        return str(broken) if broken is not None else False
+
     def stats(self) -> dict[str, Any]:
         """Counters of the backend, where it keeps them (workers, queued, running)."""
         stats = getattr(self._backend, "stats", None)
@@ -214,6 +220,21 @@ class ProcessPoolExecutor(Executor):
         super().__init__("processes", max_workers=max_workers, initializer=initializer,
                          initargs=initargs, max_tasks_per_child=max_tasks_per_child,
                          mp_context=mp_context)
+        self._given_context = mp_context
+
+    # The stdlib pools' private attributes that code and tests read most.
+    @property
+    def _max_workers(self) -> int:
+        return self._backend.max_workers
+
+    @property
+    def _mp_context(self) -> Any:
+        """The context given, else spawn's: workers are always fresh interpreters."""
+        if self._given_context is not None:
+            return self._given_context
+        import multiprocessing
+
+        return multiprocessing.get_context("spawn")
 
 
 class ThreadPoolExecutor(Executor):
@@ -228,3 +249,13 @@ class ThreadPoolExecutor(Executor):
                  initargs: Iterable[Any] = ()) -> None:
         super().__init__("threads", max_workers=max_workers, initializer=initializer,
                          initargs=initargs, thread_name_prefix=thread_name_prefix)
+
+    # The stdlib pool's private attributes that code and tests read most.
+    @property
+    def _max_workers(self) -> int:
+        return self._backend.max_workers
+
+    @property
+    def _threads(self) -> set[threading.Thread]:
+        """The worker threads started so far."""
+        return self._backend.worker_threads()

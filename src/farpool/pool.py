@@ -160,6 +160,8 @@ class LocalPool:
         future: Future = Future()
         task = self._make_task(fn, args, kwargs, future, None)
         if task is not None:
+            if not self.processes:
+                self._io.add_threads(1)
             self._io.post([task])
         return future
 
@@ -180,6 +182,8 @@ class LocalPool:
             if task is not None:
                 tasks.append(task)
         if tasks:
+            if not self.processes:
+                self._io.add_threads(len(tasks))
             self._io.post(tasks)
         return futures
 
@@ -212,6 +216,13 @@ class LocalPool:
 
     def stats(self) -> dict[str, Any]:
         return self._io.stats()
+
+    @property
+    def max_workers(self) -> int:
+        return self._io.max_workers
+
+    def worker_threads(self) -> set[threading.Thread]:
+        return set(self._io.threads.values())
 
 
 class _PoolIO:
@@ -250,10 +261,19 @@ class _PoolIO:
         self.sent_fns: dict[bytes, serialize.SentFunctions] = {}
         self.procs: dict[bytes, WorkerProcess] = {}
         self.threads: dict[bytes, threading.Thread] = {}
-        self.starting = 0  # workers spawned that have not said HELLO yet
+        self.starting = 0  # worker processes spawned that have not said HELLO yet
+        self.hellos = 0  # thread workers that have said HELLO
+        # Thread workers start in the submitting thread, as the stdlib's do: one per
+        # submit that finds no idle worker, up to max_workers. Each worker releases
+        # ``idle`` when it finishes a task; ``grow_lock`` guards ``threads``.
+        self.idle = threading.Semaphore(0)
+        self.grow_lock = threading.Lock()
         self.start_failures = 0
         self.worker_ids = itertools.count()
         self.shared_calls: dict[int, Any] = {}
+        # Thread workers' finished tasks, (worker id, result entries), appended by the
+        # workers themselves: see thread_done.
+        self.freed: deque[tuple[bytes, list[list[Any]]]] = deque()
         self.stop_threads = threading.Event()
 
         self.runtime_dir = tempfile.mkdtemp(prefix="farpool-") if processes else None
@@ -320,8 +340,8 @@ class _PoolIO:
         while inbox:
             dispatcher.submit(inbox.popleft())
         self.dispatch()
-        if not self.processes:
-            self.receive(caller=True)  # a fast thread worker may have answered already
+        if self.freed:
+            self.take_freed()  # a fast thread worker has answered already
         # A send may have taken the router's wake-up signal: the I/O thread must look.
         if dispatcher.queued or self.deferred or self.router.get(zmq.EVENTS) & zmq.POLLIN:
             self.wake()
@@ -445,7 +465,7 @@ class _PoolIO:
         """
         if self.broken is None:
             self.dispatch()
-        keep = self.starting
+        keep = self.pending_starts()
         for client in list(self.dispatcher.queues):
             for task in self.dispatcher.drop_client(client):
                 if keep > 0:
@@ -465,11 +485,16 @@ class _PoolIO:
         it leaves in ``deferred`` for the I/O thread."""
         router = self.router
         deferred = self.deferred
+        freed = self.freed
+        if freed:
+            self.take_freed()
         while deferred and not caller:
             worker_id, msg = deferred.popleft()
             self.handlers[msg.kind](self, worker_id, msg)
         while router.get(zmq.EVENTS) & zmq.POLLIN:
             frames = protocol.recv_frames(router)
+            if freed:  # a thread worker reports its last tasks before it says BYE
+                self.take_freed()
             worker_id = frames[0].bytes
             try:
                 msg = protocol.decode(frames[1:])
@@ -484,6 +509,41 @@ class _PoolIO:
             if handler is not None:
                 handler(self, worker_id, msg)
 
+    def thread_done(self, worker_id: bytes, entries: list[list[Any]]) -> None:
+        """In a thread worker, before it completes the futures of ``entries``.
+
+        Thread workers complete their futures themselves, so what they tell the pool
+        is only that they are free again. Sent as a message, it would wake this I/O
+        thread after every task to fight the woken caller for the interpreter; so the
+        worker does the bookkeeping itself when ``io_lock`` is free (and hands itself
+        queued work), and wakes the I/O thread only when it could not or when the
+        I/O thread has something to do (a shutdown, input waiting).
+        """
+        self.freed.append((worker_id, entries))
+        self.idle.release()
+        if not self.io_lock.acquire(blocking=False):
+            self.wake()  # the holder may have passed its last look at freed
+            return
+        try:
+            self.take_freed()
+            if self.dispatcher.queued and self.broken is None and not self.closing:
+                self.dispatch()
+            # After a send the router's FD may not signal input already there.
+            busy = (self.closing or self.inbox or self.deferred or self.dispatcher.queued
+                    or self.router.get(zmq.EVENTS) & zmq.POLLIN)
+        finally:
+            self.io_lock.release()
+        if busy:
+            self.wake()
+
+    def take_freed(self) -> None:
+        freed = self.freed
+        finished = self.dispatcher.finished
+        while freed:
+            worker_id, entries = freed.popleft()
+            for entry in entries:
+                finished(worker_id, entry[0], entry[3])
+
     def on_hello(self, worker_id: bytes, msg: protocol.Message) -> None:
         info = msg.body[0]
         proc = self.procs.get(worker_id)
@@ -491,7 +551,10 @@ class _PoolIO:
             return  # not a worker we started
         if proc is not None:
             proc.said_hello = True
-        self.starting -= 1
+        if self.processes:
+            self.starting -= 1
+        else:
+            self.hellos += 1
         self.start_failures = 0
         self.dispatcher.add_worker(worker_id, int(info.get("slots", 1)), max_tasks=self.max_tasks,
                                    info=info)
@@ -541,7 +604,6 @@ class _PoolIO:
     }
 
     def dispatch(self) -> None:
-        self.grow_threads()
         for worker, batch in self.dispatcher.assign():
             entries: list[list[Any]] = []
             frames: list[Any] = []
@@ -565,6 +627,8 @@ class _PoolIO:
                     entries.append([task.task_id, b"-", 0, 0])
             if entries:
                 self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
+        if not self.processes:
+            self.grow_threads()
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:
@@ -576,28 +640,47 @@ class _PoolIO:
     def spawn(self) -> None:
         worker_id = f"w{next(self.worker_ids)}".encode()
         self.starting += 1
-        if self.processes:
-            assert self.runtime_dir is not None
-            proc = spawn_worker(worker_id, self.address, self.runtime_dir,
-                                max_tasks=self.max_tasks, init_blob=self.init_blob,
-                                inherit_fds=self.init_fds)
-            self.procs[worker_id] = proc
-            self.poller.register(proc.control, zmq.POLLIN)
-        else:
-            name = f"{self.thread_name_prefix}_{len(self.threads)}"
-            thread = threading.Thread(target=self.thread_worker, args=(worker_id,), name=name,
-                                      daemon=True)
-            self.threads[worker_id] = thread
-            thread.start()
+        assert self.runtime_dir is not None
+        proc = spawn_worker(worker_id, self.address, self.runtime_dir,
+                            max_tasks=self.max_tasks, init_blob=self.init_blob,
+                            inherit_fds=self.init_fds)
+        self.procs[worker_id] = proc
+        self.poller.register(proc.control, zmq.POLLIN)
+
+    def spawn_thread(self) -> None:
+        """Start a thread worker (with ``grow_lock`` held)."""
+        worker_id = f"w{next(self.worker_ids)}".encode()
+        name = f"{self.thread_name_prefix}_{len(self.threads)}"
+        thread = threading.Thread(target=self.thread_worker, args=(worker_id,), name=name,
+                                  daemon=True)
+        thread.start()
+        self.threads[worker_id] = thread
+
+    def pending_starts(self) -> int:
+        """Workers started that have not said HELLO yet."""
+        return self.starting if self.processes else len(self.threads) - self.hellos
+
+    def add_threads(self, count: int) -> None:
+        """In a submitting thread, for ``count`` new tasks: as the stdlib does, each
+        takes an idle worker if there is one, else starts a worker (up to
+        max_workers). So a pool never has more threads than it needed at once."""
+        idle = self.idle
+        for _ in range(count):
+            if idle.acquire(blocking=False):
+                continue
+            with self.grow_lock:
+                if len(self.threads) >= self.max_workers or self.closing:
+                    return
+                self.spawn_thread()
 
     def grow_threads(self) -> None:
-        """Thread workers start on demand, like the stdlib's, up to max_workers."""
-        if self.processes or self.closing and not self.dispatcher.queued:
+        """A safety net: queued work and no thread worker at all (say, the only
+        ones were told to stop) starts one. Submits start the others (add_threads)."""
+        if self.processes or not self.dispatcher.queued or self.closing:
             return
-        busy = all(w.held for w in self.dispatcher.workers.values())
-        if (self.dispatcher.queued > self.starting and busy
-                and len(self.threads) < self.max_workers):
-            self.spawn()
+        with self.grow_lock:
+            if not self.threads and self.max_workers > 0:
+                self.spawn_thread()
 
     def thread_worker(self, worker_id: bytes) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -610,7 +693,9 @@ class _PoolIO:
                 sock.send_multipart(protocol.encode(Kind.BYE, [f"initializer failed:\n{failure}"]))
                 return
             hello(sock, {"pid": os.getpid(), "slots": 1})
-            loop = WorkerLoop(sock, SharedCalls(self.shared_calls), stop=self.stop_threads)
+            calls = SharedCalls(self.shared_calls,
+                                report=lambda entries: self.thread_done(worker_id, entries))
+            loop = WorkerLoop(sock, calls, stop=self.stop_threads)
             reason = loop.run()
             sock.send_multipart(protocol.encode(Kind.BYE, [reason]))
         finally:

@@ -97,8 +97,12 @@ class SharedCalls:
 
     completes_futures = True  # results sent back are only bookkeeping
 
-    def __init__(self, table: dict[int, Any]) -> None:
+    def __init__(self, table: dict[int, Any],
+                 report: Callable[[list[list[Any]]], None] | None = None) -> None:
         self.table = table
+        # The bookkeeping goes to the pool by this call, not over the socket: a message
+        # would wake the pool's I/O thread on every task for nothing (see pool.py).
+        self.report = report
         self.outcome: tuple[Any, Any, bool] | None = None  # (future, value, raised)
 
     def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
@@ -277,6 +281,11 @@ class WorkerLoop:
 
     def flush(self) -> None:
         if not self.out_entries:
+            return
+        report = getattr(self.calls, "report", None)
+        if report is not None:
+            entries, self.out_entries, self.out_frames = self.out_entries, [], []
+            report(entries)
             return
         msg = protocol.encode(Kind.RESULTS, [self.out_entries], self.out_frames)
         self.out_entries, self.out_frames = [], []
