@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import ctypes
+import gc
 import os
 import pickle
 import signal
@@ -401,14 +402,38 @@ def add_to_global(n):
     return add_to(_COUNTER, n)
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent: once in a fresh-clone CI run the counter read 130, "
-                   "not 10 (another test's updates landing in a reused shared-memory block?); "
-                   "open question, see the stop note")
 def test_shared_value_as_initarg(spawn_context):
     counter = spawn_context.Value("i", 0)
     with farpool.ProcessPoolExecutor(2, initializer=init_counter, initargs=(counter,)) as ex:
         list(ex.map(add_to_global, [1] * 10))
     assert counter.value == 10
+
+
+@pytest.mark.parametrize("backend", ["processes", "threads", "tcp"])
+def test_shut_down_executor_writes_to_no_descriptor_reused_since(backend, request, tmp_path):
+    # A pool's finalizer (and any shutdown after the first) used to wake its finished
+    # I/O thread by writing b"x" to the wake-up pipe's descriptor number, closed by
+    # then: a file opened since under that number got the byte. So a multiprocessing
+    # Value made after an earlier pool had shut down read 130 for 10 (b"x" is 120) when
+    # that pool was garbage-collected while the Value was in use.
+    address = request.getfixturevalue("tcp_cluster") if backend == "tcp" else backend
+    ex = farpool.Executor(address, max_workers=1)
+    assert ex.submit(square, 3).result(timeout=30) == 9
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    ex.shutdown()
+    files = []
+    try:
+        # Fill every descriptor number the pool has freed (they are all <= highest).
+        while not files or files[-1].fileno() <= highest:
+            files.append(open(tmp_path / f"file{len(files)}", "wb", buffering=0))
+        ex.shutdown()
+        del ex
+        gc.collect()
+        written = [f.name for f in files if os.fstat(f.fileno()).st_size]
+        assert written == []
+    finally:
+        for f in files:
+            f.close()
 
 
 def test_fork_context_objects_are_refused_at_construction():

@@ -254,6 +254,9 @@ class _PoolIO:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         self.wake_pending = False
+        # Guards wake_w against cleanup closing it: a number closed may name another
+        # file of this process at once (see wake).
+        self.wake_lock = threading.Lock()
         self.closing = False
         self.cancel_pending = False
 
@@ -349,10 +352,16 @@ class _PoolIO:
     def wake(self) -> None:
         if not self.wake_pending:
             self.wake_pending = True
-            try:
-                os.write(self.wake_w, b"x")
-            except OSError:  # closed: the I/O thread has finished
-                pass
+            # Once the I/O thread has closed the pipe (a pool's finalizer or a second
+            # shutdown still wakes it), its number may have been reused by any file
+            # opened since, a multiprocessing Value's shared memory say: never write then.
+            with self.wake_lock:
+                if self.wake_w < 0:
+                    return
+                try:
+                    os.write(self.wake_w, b"x")
+                except OSError:  # the read end is closed: the I/O thread is finishing
+                    pass
 
     def request_close(self, cancel: bool) -> None:
         if cancel:
@@ -804,8 +813,10 @@ class _PoolIO:
         self.fail_pending("the pool was shut down before this task could run")
         self.router.close(0)
         self.ctx.term()
+        with self.wake_lock:
+            os.close(self.wake_w)
+            self.wake_w = -1
         os.close(self.wake_r)
-        os.close(self.wake_w)
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         _live_pools.discard(self)

@@ -265,6 +265,7 @@ class _RemoteIO:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         self.wake_pending = False
+        self.wake_lock = threading.Lock()  # guards wake_w against the close (see wake)
         # Held by whoever uses the socket and the tables below it: the I/O thread,
         # except while it sleeps, or a caller sending its tasks directly.
         self.lock = threading.Lock()
@@ -340,10 +341,15 @@ class _RemoteIO:
     def wake(self, force: bool = False) -> None:
         if force or not self.wake_pending:
             self.wake_pending = True
-            try:
-                os.write(self.wake_w, b"x")
-            except OSError:
-                pass
+            # Once the I/O thread has closed the pipe, its number may name any file
+            # opened since (the finalizer still wakes a closed client): never write then.
+            with self.wake_lock:
+                if self.wake_w < 0:
+                    return
+                try:
+                    os.write(self.wake_w, b"x")
+                except OSError:  # the read end is closed: the I/O thread is finishing
+                    pass
 
     def request_close(self, cancel: bool) -> None:
         if cancel:
@@ -605,6 +611,8 @@ class _RemoteIO:
             self.monitor.close(0)
         self.sock.close()
         self.ctx.term()
+        with self.wake_lock:
+            os.close(self.wake_w)
+            self.wake_w = -1
         os.close(self.wake_r)
-        os.close(self.wake_w)
         _live_pools.discard(self)  # type: ignore[arg-type]
