@@ -86,6 +86,20 @@ class Dispatcher:
             queue.append(task)
         self.queued += 1
 
+    def place(self, task: Task) -> WorkerSlot | None:
+        """With nothing queued, give ``task`` straight to the first worker with a free
+        slot (what ``assign`` would do, without the queue); None if none is free."""
+        if self.queued:
+            return None
+        for worker in self.workers.values():
+            if (len(worker.held) < worker.slots and not worker.retiring
+                    and (worker.tasks_left is None or worker.tasks_left > 0)):
+                worker.held[task.task_id] = task
+                if worker.tasks_left is not None:
+                    worker.tasks_left -= 1
+                return worker
+        return None
+
     def cancel(self, client: Hashable, task_ids: set[int]) -> list[Task]:
         """Drop queued tasks (not ones a worker holds); returns those dropped."""
         queue = self.queues.get(client)

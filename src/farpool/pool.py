@@ -334,19 +334,28 @@ class _PoolIO:
             # Thread workers complete their futures themselves: what they sent back is
             # bookkeeping, and it tells which of them are idle now.
             self.receive(caller=True)
+        inbox = self.inbox
+        if (len(inbox) == 1 and not self.closing and self.broken is None
+                and not dispatcher.queued):
+            # The common case (one submit, a worker idle): no queue to go through.
+            worker = dispatcher.place(inbox[0])
+            if worker is not None:
+                self.send_batch(worker, [inbox.popleft()])
+                if self.deferred or protocol.readable(self.router):
+                    self.wake()
+                return
         if (self.closing or self.broken is not None or dispatcher.queued
                 or not any(len(w.held) < w.slots and not w.retiring
                            for w in dispatcher.workers.values())):
             self.wake()
             return
-        inbox = self.inbox
         while inbox:
             dispatcher.submit(inbox.popleft())
         self.dispatch()
         if self.freed:
             self.take_freed()  # a fast thread worker has answered already
         # A send may have taken the router's wake-up signal: the I/O thread must look.
-        if dispatcher.queued or self.deferred or self.router.get(zmq.EVENTS) & zmq.POLLIN:
+        if dispatcher.queued or self.deferred or protocol.readable(self.router):
             self.wake()
 
     def wake(self) -> None:
@@ -406,6 +415,7 @@ class _PoolIO:
                 self.io_lock.release()
 
     def loop(self) -> None:
+        readable = protocol.readable
         router = self.router
         router_fd = self.router_fd
         wake_r = self.wake_r
@@ -437,7 +447,7 @@ class _PoolIO:
                     self.dispatch()
                 # The router's FD only signals changes: after any socket operation (a
                 # send included), look for input before waiting on it again.
-                if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                if not readable(router):
                     break
             if self.outcomes:
                 self.deliver()
@@ -493,6 +503,7 @@ class _PoolIO:
         thread workers' RESULTS and HELLOs, which complete no future; anything else
         it leaves in ``deferred`` for the I/O thread."""
         router = self.router
+        readable = protocol.readable
         deferred = self.deferred
         freed = self.freed
         if freed:
@@ -500,7 +511,7 @@ class _PoolIO:
         while deferred and not caller:
             worker_id, msg = deferred.popleft()
             self.handlers[msg.kind](self, worker_id, msg)
-        while router.get(zmq.EVENTS) & zmq.POLLIN:
+        while readable(router):
             frames = protocol.recv_frames(router)
             if freed:  # a thread worker reports its last tasks before it says BYE
                 self.take_freed()
@@ -539,7 +550,7 @@ class _PoolIO:
                 self.dispatch()
             # After a send the router's FD may not signal input already there.
             busy = (self.closing or self.inbox or self.deferred or self.dispatcher.queued
-                    or self.router.get(zmq.EVENTS) & zmq.POLLIN)
+                    or protocol.readable(self.router))
         finally:
             self.io_lock.release()
         if busy:
@@ -614,30 +625,35 @@ class _PoolIO:
 
     def dispatch(self) -> None:
         for worker, batch in self.dispatcher.assign():
-            entries: list[list[Any]] = []
-            frames: list[Any] = []
-            sent = self.sent_fns[worker.worker_id]
-            for task in batch:
-                if not self.sink.start(task):
-                    del worker.held[task.task_id]
-                    if worker.tasks_left is not None:
-                        worker.tasks_left += 1
-                    continue
-                if self.processes:
-                    with_fn = sent.needs(task.fn_key)
-                    entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
-                    if with_fn:
-                        frames.append(task.fn_blob)
-                    frames.extend(task.frames)
-                else:
-                    fn, args, kwargs = task.fn_blob
-                    task.fn_blob = None
-                    self.shared_calls[task.task_id] = (fn, args, kwargs, task.context)
-                    entries.append([task.task_id, b"-", 0, 0])
-            if entries:
-                self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
+            self.send_batch(worker, batch)
         if not self.processes:
             self.grow_threads()
+
+    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
+        """Send ``worker`` the tasks the dispatcher gave it (each function's pickle
+        only the first time this worker sees it)."""
+        entries: list[list[Any]] = []
+        frames: list[Any] = []
+        sent = self.sent_fns[worker.worker_id]
+        for task in batch:
+            if not self.sink.start(task):
+                del worker.held[task.task_id]
+                if worker.tasks_left is not None:
+                    worker.tasks_left += 1
+                continue
+            if self.processes:
+                with_fn = sent.needs(task.fn_key)
+                entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+                if with_fn:
+                    frames.append(task.fn_blob)
+                frames.extend(task.frames)
+            else:
+                fn, args, kwargs = task.fn_blob
+                task.fn_blob = None
+                self.shared_calls[task.task_id] = (fn, args, kwargs, task.context)
+                entries.append([task.task_id, b"-", 0, 0])
+        if entries:
+            self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:

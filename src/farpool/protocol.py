@@ -114,13 +114,19 @@ def readable(sock: zmq.Socket) -> bool:
     return bool(sock.get(_EVENTS) & _POLLIN)
 
 
+# Below this, copying a bytes frame into the message costs less than wrapping it
+# in a zmq.Frame for a zero-copy send.
+_COPY_BELOW = 16 * 1024
+
+
 def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
     """Send one multipart message; large frames go without a copy."""
     send = sock.send
     more = _SNDMORE | flags
     for frame in frames[:-1]:
-        send(frame, more, copy=False)
-    send(frames[-1], flags, copy=False)
+        send(frame, more, copy=type(frame) is bytes and len(frame) < _COPY_BELOW)
+    frame = frames[-1]
+    send(frame, flags, copy=type(frame) is bytes and len(frame) < _COPY_BELOW)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:

@@ -26,7 +26,6 @@ import struct
 import sys
 import traceback
 import types
-import weakref
 from collections import ChainMap, OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -219,8 +218,10 @@ _IMMUTABLE_TYPES = frozenset({int, float, complex, str, bytes, bool, type(None),
 _MISSING = object()
 _END = object()  # closes a variable-length group, so groups of other sizes never line up
 _MAX_DEPTH = 4
-_global_names_cache: weakref.WeakKeyDictionary[types.CodeType, tuple[str, ...]] = (
-    weakref.WeakKeyDictionary())
+# A plain dict (a weak one costs a weakref per lookup, on every submit), cleared
+# when it grows past _GLOBAL_NAMES_MAX code objects.
+_global_names_cache: dict[types.CodeType, tuple[str, ...]] = {}
+_GLOBAL_NAMES_MAX = 4096
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:
@@ -283,6 +284,8 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
         for const in code.co_consts:
             if isinstance(const, types.CodeType):
                 found.update(dict.fromkeys(_global_names(const)))
+        if len(_global_names_cache) >= _GLOBAL_NAMES_MAX:
+            _global_names_cache.clear()
         names = _global_names_cache[code] = tuple(found)
     return names
 

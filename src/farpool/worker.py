@@ -205,7 +205,8 @@ class WorkerLoop:
     def receive(self) -> None:
         """Take every message already waiting, without blocking."""
         sock = self.sock
-        while not self.stop_reason and sock.get(zmq.EVENTS) & zmq.POLLIN:
+        readable = protocol.readable
+        while not self.stop_reason and readable(sock):
             self.handle(protocol.recv_frames(sock))
 
     def handle(self, frames: list[Any]) -> None:
