@@ -51,6 +51,8 @@ RECONNECT = "reconnect"  # BYE reason telling an unknown peer to say HELLO again
 RELOAD_KEYS_SECONDS = 5.0
 MAX_SLOTS = 1024
 MAX_PEER_HEARTBEAT = 60.0  # seconds; a longer one claimed in a HELLO is ignored
+# Seconds a worker whose connection is gone waits for its supervisor's LOST report.
+UNREACHABLE_GRACE = 3.0
 
 
 def _buffer(frame: Any) -> Any:
@@ -94,6 +96,7 @@ class Peer:
     supervisor: bytes = b""
     workers: set[bytes] = field(default_factory=set)
     retiring: bool = False
+    unreachable: float = 0.0  # workers: when a send found their connection gone
 
     @property
     def name(self) -> str:
@@ -496,6 +499,8 @@ class Scheduler:
             if peer.role != "worker" and now - peer.last_seen > limit:
                 self.counters[f"{peer.role}s_timed_out"] += 1
                 self.forget(peer, f"stopped answering (no heartbeat for {limit:g} s)")
+            elif peer.unreachable and now - peer.unreachable > UNREACHABLE_GRACE:
+                self.forget(peer, "disconnected")
 
     def reload_keys(self, now: float) -> None:
         """Pick up keys added by `farpool keygen` (or removed) since start."""
@@ -532,8 +537,19 @@ class Scheduler:
             # The peer's connection is gone (ROUTER_MANDATORY tells us, rather than
             # dropping the message silently).
             peer = self.peers.get(identity)
-            if peer is not None:
-                self.forget(peer, "disconnected")
+            if peer is None:
+                return
+            if peer.role == "worker" and peer.supervisor in self.peers:
+                # Its supervisor is about to report the death with the exit status and
+                # the task it ran (LOST): give it no more work and wait for that, a
+                # little (check_liveness), rather than fail its task with less to say.
+                if not peer.unreachable:
+                    peer.unreachable = time.monotonic()
+                    slot = self.dispatcher.workers.get(identity)
+                    if slot is not None:
+                        slot.retiring = True
+                return
+            self.forget(peer, "disconnected")
 
 
 def serve(address: str, *, keys: Any = None, heartbeat: float = DEFAULT_HEARTBEAT,
