@@ -331,9 +331,12 @@ class _PoolIO:
         """
         dispatcher = self.dispatcher
         if not self.processes:
-            # Thread workers complete their futures themselves: what they sent back is
-            # bookkeeping, and it tells which of them are idle now.
-            self.receive(caller=True)
+            # Thread workers complete their futures themselves: what they reported
+            # tells which of them are idle now; a HELLO, that one has started.
+            if self.freed:
+                self.take_freed()
+            if self.hellos < len(self.threads):
+                self.receive(caller=True)
         inbox = self.inbox
         if (len(inbox) == 1 and not self.closing and self.broken is None
                 and not dispatcher.queued):
@@ -341,7 +344,7 @@ class _PoolIO:
             worker = dispatcher.place(inbox[0])
             if worker is not None:
                 self.send_batch(worker, [inbox.popleft()])
-                if self.deferred or protocol.readable(self.router):
+                if self.deferred or self.may_have_input():
                     self.wake()
                 return
         if (self.closing or self.broken is not None or dispatcher.queued
@@ -355,8 +358,17 @@ class _PoolIO:
         if self.freed:
             self.take_freed()  # a fast thread worker has answered already
         # A send may have taken the router's wake-up signal: the I/O thread must look.
-        if dispatcher.queued or self.deferred or protocol.readable(self.router):
+        if dispatcher.queued or self.deferred or self.may_have_input():
             self.wake()
+
+    def may_have_input(self) -> bool:
+        """After a send from a submitting thread: is input waiting that the I/O thread
+        might not be told of? (A send can take the router's wake-up signal.) Thread
+        workers that have all said HELLO send nothing more until the pool stops them,
+        so for them the check, a cost on every submit, is skipped."""
+        if not self.processes and self.hellos >= len(self.threads):
+            return False
+        return protocol.readable(self.router)
 
     def wake(self) -> None:
         if not self.wake_pending:
@@ -442,9 +454,10 @@ class _PoolIO:
             if woken or self.inbox or self.cancel_pending:
                 self.take_inbox(woken)
             while True:
-                self.receive()
-                if self.broken is None:
-                    self.dispatch()
+                self.receive()  # returns with nothing left to read
+                if self.broken is not None or not self.dispatcher.queued:
+                    break
+                self.dispatch()
                 # The router's FD only signals changes: after any socket operation (a
                 # send included), look for input before waiting on it again.
                 if not readable(router):
@@ -546,11 +559,13 @@ class _PoolIO:
             return
         try:
             self.take_freed()
+            sent = False
             if self.dispatcher.queued and self.broken is None and not self.closing:
                 self.dispatch()
+                sent = True
             # After a send the router's FD may not signal input already there.
             busy = (self.closing or self.inbox or self.deferred or self.dispatcher.queued
-                    or protocol.readable(self.router))
+                    or sent and protocol.readable(self.router))
         finally:
             self.io_lock.release()
         if busy:

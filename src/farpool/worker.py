@@ -161,7 +161,7 @@ class WorkerLoop:
         self.armed = threading.Event()
         self.flusher: threading.Thread | None = None
         self.closed = False
-        self.poller: zmq.Poller | None = None
+        self.timeout_set = False  # whether wait() has set the socket's receive timeout
 
     def run(self) -> str:
         self.lock.acquire()
@@ -185,18 +185,21 @@ class WorkerLoop:
     def wait(self) -> bool:
         """Block until a message comes; False if the pool's stop flag is set first."""
         sock = self.sock
+        stop = self.stop
+        if stop is not None and not self.timeout_set:
+            # Wake up now and then to look at the stop flag: a receive timeout, so
+            # a message that comes is taken in the same call that waited for it.
+            sock.rcvtimeo = IDLE_CHECK_MS
+            self.timeout_set = True
         self.lock.release()  # nothing is held back: the flusher leaves the socket alone
         try:
-            if self.stop is None:
-                frames = protocol.recv_frames(sock)
-            else:
-                if self.poller is None:
-                    self.poller = zmq.Poller()
-                    self.poller.register(sock, zmq.POLLIN)
-                while not self.poller.poll(IDLE_CHECK_MS):
-                    if self.stop.is_set():
+            while True:
+                try:
+                    frames = protocol.recv_frames(sock)
+                    break
+                except zmq.Again:
+                    if stop is not None and stop.is_set():
                         return False
-                return True
         finally:
             self.lock.acquire()
         self.handle(frames)
