@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import threading
+import time
 
 import pytest
 
@@ -84,3 +85,21 @@ def test_mp_context_is_the_one_given_else_spawn():
     with farpool.ProcessPoolExecutor(max_workers=1, max_tasks_per_child=3) as ex:
         # Workers are fresh interpreters, as spawn's are.
         assert ex._mp_context.get_start_method() == "spawn"
+
+
+def test_thread_pool_runs_blocking_tasks_side_by_side_after_a_busy_spell():
+    # After sequential work (one thread, idle between tasks) and a map, three tasks
+    # that block until released must all be running at once on three threads.
+    with farpool.ThreadPoolExecutor(max_workers=3) as ex:
+        for i in range(50):
+            assert ex.submit(identity, i).result(timeout=10) == i
+        list(ex.map(identity, range(200)))
+        gate = threading.Event()
+        futs = [ex.submit(gate.wait, 10) for _ in range(3)]
+        deadline = time.monotonic() + 5
+        while sum(f.running() for f in futs) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running = sum(f.running() for f in futs)
+        gate.set()
+        assert all(f.result(timeout=10) for f in futs)
+        assert running == 3, f"only {running} of 3 blocking tasks ran at once on 3 threads"

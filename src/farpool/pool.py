@@ -714,12 +714,16 @@ class _PoolIO:
                 self.spawn_thread()
 
     def grow_threads(self) -> None:
-        """A safety net: queued work and no thread worker at all (say, the only
-        ones were told to stop) starts one. Submits start the others (add_threads)."""
-        if self.processes or not self.dispatcher.queued or self.closing:
+        """A safety net behind add_threads: tasks queued with every thread busy and
+        none starting start one (the idle count add_threads reads, like the stdlib's,
+        can over-count: a thread that finished a batch counts once per batch)."""
+        dispatcher = self.dispatcher
+        if self.processes or not dispatcher.queued or self.closing:
             return
         with self.grow_lock:
-            if not self.threads and self.max_workers > 0:
+            if (len(self.threads) < self.max_workers
+                    and dispatcher.queued > self.pending_starts()
+                    and all(w.held for w in dispatcher.workers.values())):
                 self.spawn_thread()
 
     def thread_worker(self, worker_id: bytes) -> None:
