@@ -144,6 +144,20 @@ def test_identical_calls_are_not_merged(engine_address):
         assert len({f.result(timeout=60) for f in futures}) == 4
 
 
+def test_results_arrive_while_a_burst_runs(engine_address):
+    """More tasks than the cluster has threads: a result still comes soon after its
+    task ends (the Dask adapter lets results share a fetch for some milliseconds
+    then), not when the burst is done."""
+    with farpool.Executor(engine_address) as ex:
+        # On 2 workers, the last of these ends after 3 s at the earliest; the quick
+        # task ends while several others wait for a worker.
+        slow = [ex.submit(pid_after, 1.0) for _ in range(6)]
+        quick = ex.submit(square, 3)
+        assert quick.result(timeout=60) == 9
+        assert not slow[-1].done()
+        ex.shutdown(cancel_futures=True)
+
+
 def test_cancel_reaches_the_engine(engine_address, tmp_path):
     """A cancelled task that was queued in the engine never runs there."""
     with farpool.Executor(engine_address) as ex:

@@ -20,13 +20,18 @@ Semantics on top of Dask's:
   this executor. It travels with every task (pickled once, as bytes), so keep its
   arguments small; workers of an existing cluster need farpool installed for it
   (and for ``map`` with ``chunksize``);
-- ``max_workers`` sizes a local cluster; an existing cluster keeps its own size.
+- ``max_workers`` sizes a local cluster; an existing cluster keeps its own size;
+- each result is fetched as its task ends, except while more of this executor's
+  tasks are outstanding than the cluster has threads: then results that end within
+  ``FETCH_WINDOW`` (50 ms) of each other share one fetch (each costs several
+  milliseconds of CPU to the client, the scheduler and the workers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -51,6 +56,9 @@ DEFAULT_WORKERS = 2
 _STARTED = frozenset({"processing", "memory", "erred"})
 # Seconds the Dask futures of done tasks are kept when no submit comes (see _keep).
 RELEASE_DELAY = 1.0
+# Seconds a finished task's result may wait for others to share its fetch, while more
+# of this executor's tasks are outstanding than the cluster has threads (see _track).
+FETCH_WINDOW = 0.05
 
 
 def _require() -> Any:
@@ -123,10 +131,15 @@ class DaskBackend(EngineBackend):
         self._watch_lock = threading.Lock()
         self._to_watch: list[tuple[Future, Any]] = []
         # Event loop only: the watching tasks (the loop keeps only weak references),
-        # tasks done and not yet fetched, and whether a fetch runs.
+        # how many of them still wait for their task, tasks done and not yet fetched
+        # (and since when the oldest of them), whether a fetch runs, and what wakes a
+        # fetch that waits for company (see _track).
         self._tracking: set[asyncio.Task] = set()
+        self._waiting = 0
         self._ready: list[tuple[Future, Any]] = []
+        self._ready_since = 0.0
         self._fetching = False
+        self._wake: asyncio.Future | None = None
         # Dask futures of done tasks, dropped by the next submit (see _keep).
         self._kept: list[Any] = []
         self._release_timer: asyncio.TimerHandle | None = None
@@ -223,23 +236,46 @@ class DaskBackend(EngineBackend):
 
     def _start_tracking(self, future: Future, dfut: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._track(future, dfut))
+        self._waiting += 1
         self._tracking.add(task)
         task.add_done_callback(self._tracking.discard)
 
+    def _busy(self) -> bool:
+        """Whether more of our tasks are outstanding than the cluster has threads:
+        its workers then stay busy whether or not we have the results yet."""
+        # The client refreshes this summary every few seconds on its own (no request).
+        info = getattr(self._client, "_scheduler_identity", None) or {}
+        threads = info.get("total_threads") or 0
+        return bool(threads) and self._waiting > threads
+
     async def _track(self, future: Future, dfut: Any) -> None:
         """On the client's event loop: wait until the task is done, then fetch its
-        result together with those of the tasks done meanwhile.
+        result together with those of other tasks done by then.
 
-        One fetch (a gather: a request to the scheduler, one to each worker holding
-        a result) runs at a time and takes every task done since the last one: tasks
-        that end while a fetch runs, or in the same report from the scheduler, share
-        the next one, and a lone task costs one fetch, at once.
+        A fetch (a gather: a request to the scheduler, one to each worker holding a
+        result) costs a few milliseconds of CPU over the client, the scheduler and
+        the workers, much more than a 1 ms task: fetched one or two at a time, as they
+        end, results cost a third more CPU than one gather at the end. So one fetch
+        runs at a time and takes every task done since the last one; and while more
+        of this executor's tasks are outstanding than the cluster has threads (the
+        workers have queued work: a result handed over later holds none of them up),
+        the fetch waits up to FETCH_WINDOW after the oldest of its tasks ended, for
+        others to join. Otherwise (a lone task, ``map`` with a small ``buffersize``,
+        the last tasks of a burst) it goes at once.
         It awaits the future's state (``dfut._state``, what Dask's own ``wait`` and
         ``as_completed`` await): unlike ``Future.add_done_callback``, no callback thread.
         """
-        await dfut._state.wait()
+        try:
+            await dfut._state.wait()
+        finally:
+            self._waiting -= 1
+        if not self._ready:
+            self._ready_since = time.monotonic()
         self._ready.append((future, dfut))
         del future, dfut  # this task may go on fetching others: hold no result
+        wake = self._wake
+        if wake is not None and not wake.done() and not self._busy():
+            wake.set_result(None)
         if self._fetching:
             return  # the running fetch takes it next
         self._fetching = True
@@ -248,9 +284,23 @@ class DaskBackend(EngineBackend):
             # after this one: one turn of the loop lets them join this batch.
             await asyncio.sleep(0)
             while self._ready:
+                delay = self._ready_since + FETCH_WINDOW - time.monotonic()
+                if delay > 0 and self._busy():
+                    await self._wait_for_company(delay)
                 await self._fetch_ready()
         finally:
             self._fetching = False
+
+    async def _wait_for_company(self, delay: float) -> None:
+        """Wait ``delay`` seconds, or less if we stop being busy meanwhile."""
+        loop = asyncio.get_running_loop()
+        self._wake = wake = loop.create_future()
+        timer = loop.call_later(delay, _set_once, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
 
     async def _fetch_ready(self) -> None:
         """Fetch what is ready, and hand it out; nothing of it stays referenced here."""
@@ -382,3 +432,7 @@ class DaskBackend(EngineBackend):
         workers = self._client.scheduler_info().get("workers", {})
         return {"workers": len(workers), "pending": len(self._pending)}
 
+
+def _set_once(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
