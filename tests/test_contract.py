@@ -374,8 +374,6 @@ def make_token(_):
 @pytest.mark.parametrize("options", [{}, {"chunksize": 3}, {"buffersize": 2}])
 def test_map_keeps_no_reference_to_results_handed_out(executor, address, options):
     # As with the stdlib (bpo-14406): a result the caller drops is freed at once.
-    if address.startswith("dask"):
-        pytest.xfail("the Dask backend still holds some results for a while")
     for token in executor.map(make_token, range(7), **options):
         ref = weakref.ref(token)
         del token
