@@ -97,8 +97,10 @@ class FutureSink:
 
     def start(self, task: Task) -> bool:
         future = task.context
-        # A task requeued after its worker died is already running.
-        return future.running() or future.set_running_or_notify_cancel()
+        try:
+            return future.set_running_or_notify_cancel()
+        except RuntimeError:  # a task requeued after its worker died is running already
+            return future.running()
 
     def result(self, task: Task, entry: protocol.ResultEntry, payload: list[Any]) -> None:
         if not self.pickled:
@@ -117,6 +119,10 @@ class FutureSink:
 
     def fail(self, task: Task, exc: BaseException) -> None:
         future = task.context
+        if type(future) is weakref.ref:  # a thread worker's task: see send_batch
+            future = future()
+            if future is None:
+                return  # nobody holds it any more: nobody to tell
         if future.done():
             return
         if future.running() or future.set_running_or_notify_cancel():
@@ -547,13 +553,18 @@ class _PoolIO:
 
         Thread workers complete their futures themselves, so what they tell the pool
         is only that they are free again. Sent as a message, it would wake this I/O
-        thread after every task to fight the woken caller for the interpreter; so the
-        worker does the bookkeeping itself when ``io_lock`` is free (and hands itself
-        queued work), and wakes the I/O thread only when it could not or when the
-        I/O thread has something to do (a shutdown, input waiting).
+        thread after every task to fight the woken caller for the interpreter; so it
+        waits in ``freed`` for the pool's next look (the next submit does it first).
+        Only when work is queued (or the pool is stopping) is it needed now: then
+        the worker does the bookkeeping itself if ``io_lock`` is free, handing
+        itself the queued work, and otherwise wakes the I/O thread. (It appends
+        before it reads ``queued``: either the pool drains ``freed`` after queuing,
+        or the worker sees the queue.)
         """
         self.freed.append((worker_id, entries))
         self.idle.release()
+        if not (self.dispatcher.queued or self.closing or self.inbox):
+            return
         if not self.io_lock.acquire(blocking=False):
             self.wake()  # the holder may have passed its last look at freed
             return
@@ -666,6 +677,11 @@ class _PoolIO:
                 fn, args, kwargs = task.fn_blob
                 task.fn_blob = None
                 self.shared_calls[task.task_id] = (fn, args, kwargs, task.context)
+                # The worker holds the future now, until it has completed it; the
+                # task only needs it to fail it should the pool stop first. Held
+                # weakly, a result the caller has dropped is freed at once, whenever
+                # the pool next looks at what its threads finished (thread_done).
+                task.context = weakref.ref(task.context)
                 entries.append([task.task_id, b"-", 0, 0])
         if entries:
             self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))

@@ -158,6 +158,7 @@ class WorkerLoop:
         self.stop_reason = ""
         self.lock = threading.Lock()
         self.bounded = not getattr(calls, "completes_futures", False)
+        self.report = getattr(calls, "report", None)  # results go there, not to the socket
         self.armed = threading.Event()
         self.flusher: threading.Thread | None = None
         self.closed = False
@@ -166,16 +167,22 @@ class WorkerLoop:
     def run(self) -> str:
         self.lock.acquire()
         try:
+            # After BYE, run nothing more: the sender requeues what we held. So what
+            # came in is read before each task (a BYE may have come with the tasks),
+            # except by thread workers, which the pool only stops once it is done:
+            # they read on when they have nothing left to run.
+            check_first = self.bounded
             while not self.stop_reason:
-                self.receive()
-                if self.stop_reason:
-                    break  # after BYE, run nothing more: the sender requeues what we held
                 if self.pending:
                     self.run_one()
+                    if check_first:
+                        self.receive()
                     continue
                 self.flush()
                 if not self.wait():
                     return "stopped"
+                if check_first:
+                    self.receive()
             self.flush()
             return self.stop_reason
         finally:
@@ -286,7 +293,7 @@ class WorkerLoop:
     def flush(self) -> None:
         if not self.out_entries:
             return
-        report = getattr(self.calls, "report", None)
+        report = self.report
         if report is not None:
             entries, self.out_entries, self.out_frames = self.out_entries, [], []
             report(entries)
