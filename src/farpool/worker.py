@@ -175,8 +175,8 @@ class WorkerLoop:
             while not self.stop_reason:
                 if self.pending:
                     self.run_one()
-                    if check_first:
-                        self.receive()
+                    if check_first and self.pending:
+                        self.receive()  # with nothing left to run, wait() reads on
                     continue
                 self.flush()
                 if not self.wait():
