@@ -27,6 +27,8 @@ from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures.thread import BrokenThreadPool
 from typing import TYPE_CHECKING
 
+from ._errors import FarpoolError, ProtocolError, VersionMismatch
+
 __all__ = [
     "BackendUnavailable",
     "FarpoolError",
@@ -40,10 +42,6 @@ __all__ = [
     "VersionMismatch",
     "WorkerLost",
 ]
-
-
-class FarpoolError(Exception):
-    """Root of the exceptions farpool raises itself."""
 
 
 class WorkerLost(FarpoolError, BrokenProcessPool):
@@ -84,14 +82,6 @@ class SchedulerLost(FarpoolError, BrokenExecutor):
 
 class BackendUnavailable(FarpoolError, ImportError):
     """The engine behind a backend (Dask, Ray) is not installed."""
-
-
-class ProtocolError(FarpoolError):
-    """A message off the wire is malformed, truncated or of an unknown kind."""
-
-
-class VersionMismatch(ProtocolError):
-    """A peer's farpool, Python or cloudpickle version cannot read our payloads."""
 
 
 class SecurityError(FarpoolError):

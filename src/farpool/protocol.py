@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import msgpack
 import zmq
 
-from .errors import ProtocolError, VersionMismatch
+from ._errors import ProtocolError, VersionMismatch
 
 PROTOCOL_VERSION = 1
 # A header is small; anything larger is garbage or an attack.

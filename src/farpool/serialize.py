@@ -32,8 +32,6 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import RemoteTraceback
-
 # Buffers below this size are cheaper inside the pickle stream than as a frame.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 # How many distinct functions a worker keeps unpickled. Sender and receiver use the
@@ -383,5 +381,7 @@ def dump_exception(exc: BaseException) -> list[Any]:
 def load_exception(frames: list[Any]) -> BaseException:
     """The exception a worker sent, with its remote traceback as ``__cause__``."""
     exc, tb = loads(frames)
+    from .errors import RemoteTraceback  # here: worker processes start without it
+
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return exc

@@ -34,7 +34,6 @@ from typing import Any
 import zmq
 
 from . import protocol, serialize
-from .errors import unpickling_failed
 from .protocol import Kind, Status, TaskEntry
 
 # Batching of results (see WorkerLoop): how long and how many results may wait, and
@@ -75,6 +74,8 @@ class PickledCalls:
                 raise fn
             args, kwargs = serialize.loads(frames)
         except BaseException as exc:  # noqa: BLE001 - this task fails, the worker goes on
+            from .errors import unpickling_failed  # here: start-up time (see _errors)
+
             what = f"the function or arguments of task {entry.task_id}"
             return Status.ERROR, serialize.dump_exception(unpickling_failed(what, exc))
         try:
