@@ -8,6 +8,7 @@ the test functions live at module level so the clusters' workers import them by 
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import textwrap
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +85,17 @@ class OnlyInItsWorker:
 
     def __reduce__(self):
         return _rebuild_in, (os.getpid(),)
+
+
+class Token:
+    """A result whose lifetime a test watches."""
+
+
+def token_after_file(path):
+    deadline = time.monotonic() + 60
+    while not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return Token()
 
 
 def after_file(path, value):
@@ -239,6 +252,32 @@ def test_done_callbacks_run_in_the_results_thread(engine_address, tmp_path):
             time.sleep(0.01)
     engine = "dask" if engine_address.startswith("dask") else "ray"
     assert threads == [f"farpool-{engine}-results"] * 2
+
+
+def test_results_thread_keeps_no_result_it_handed_out(engine_address, tmp_path):
+    """An outcome handed out by the results thread (the future has a done-callback),
+    then dropped by the caller, is freed: the thread keeps none of the items it took
+    from its inbox, even the last of several taken at once."""
+    release = threading.Event()
+    with farpool.Executor(engine_address) as ex:
+        first = ex.submit(after_file, tmp_path / "go-1", 1)
+        first.add_done_callback(lambda _: release.wait(60))  # holds the results thread
+        (tmp_path / "go-1").touch()
+        assert first.result(timeout=60) == 1
+        # Two inbox items queue up behind it: a cancellation, then an outcome.
+        ex.submit(pid_after, 5).cancel()
+        future = ex.submit(token_after_file, tmp_path / "go-2")
+        future.add_done_callback(lambda _: None)
+        (tmp_path / "go-2").touch()
+        time.sleep(1.0)  # its outcome reaches the inbox (later: a lone item, no harm)
+        release.set()
+        ref = weakref.ref(future.result(timeout=60))
+        del future
+        deadline = time.monotonic() + 5
+        while ref() is not None and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert ref() is None
 
 
 def test_worker_lost_under_a_task(engine_address):

@@ -429,7 +429,10 @@ def _results_loop(inbox: queue.SimpleQueue, resources: Any) -> None:
                 backend._handle([(kind, payload) for _, kind, payload in batch])
             except BaseException:  # noqa: BLE001 - keep serving the other futures
                 traceback.print_exc()
+            # Nothing of this batch stays referenced while the thread waits for the
+            # next: not even the last item taken with it (a result, the backend).
             del backend, batch, item
+            more = None
             if stop:
                 return
     finally:
