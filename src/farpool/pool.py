@@ -273,9 +273,11 @@ class _PoolIO:
         self.starting = 0  # worker processes spawned that have not said HELLO yet
         self.hellos = 0  # thread workers that have said HELLO
         # Thread workers start in the submitting thread, as the stdlib's do: one per
-        # submit that finds no idle worker, up to max_workers. Each worker releases
-        # ``idle`` when it finishes a task; ``grow_lock`` guards ``threads``.
-        self.idle = threading.Semaphore(0)
+        # submit that finds no idle worker, up to max_workers. ``idle`` counts idle
+        # workers as tokens: a worker that finishes its tasks appends one, a submit
+        # takes one (deque appends and pops are atomic: a semaphore without the cost
+        # of threading.Semaphore's Python-level locking). ``grow_lock`` guards ``threads``.
+        self.idle: deque[None] = deque()
         self.grow_lock = threading.Lock()
         self.start_failures = 0
         self.worker_ids = itertools.count()
@@ -562,7 +564,7 @@ class _PoolIO:
         or the worker sees the queue.)
         """
         self.freed.append((worker_id, entries))
-        self.idle.release()
+        self.idle.append(None)
         if not (self.dispatcher.queued or self.closing or self.inbox):
             return
         if not self.io_lock.acquire(blocking=False):
@@ -720,10 +722,13 @@ class _PoolIO:
         """In a submitting thread, for ``count`` new tasks: as the stdlib does, each
         takes an idle worker if there is one, else starts a worker (up to
         max_workers). So a pool never has more threads than it needed at once."""
-        idle = self.idle
+        take = self.idle.pop
         for _ in range(count):
-            if idle.acquire(blocking=False):
+            try:
+                take()
                 continue
+            except IndexError:
+                pass
             with self.grow_lock:
                 if len(self.threads) >= self.max_workers or self.closing:
                     return
