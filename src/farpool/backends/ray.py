@@ -339,6 +339,18 @@ class RayBackend(EngineBackend):
     # -- cancelling ------------------------------------------------------------------
 
     def _engine_cancel(self, handles: list[Any]) -> None:
+        # Ray (2.60 here) can abort this whole process when a cancel races the reply
+        # of a task that is just finishing (RAY_CHECK "it != submissible_tasks_.end()"
+        # in TaskManager::CompletePendingTask, ray-project/ray#54527): tasks Ray
+        # already has results for are not cancelled, which leaves that race only to a
+        # task ending in the same instant.
+        if not handles:
+            return
+        try:
+            _, handles = self._ray.wait(list(handles), num_returns=len(handles), timeout=0,
+                                        fetch_local=False)
+        except Exception:  # noqa: BLE001 - Ray is going away: cancel all, as before
+            pass
         for ref in handles:
             try:
                 # Not recursive: a running task ignores the interrupt and runs on, and
