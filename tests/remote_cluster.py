@@ -30,10 +30,15 @@ class Daemon:
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.args = args
+        # Its temporary files (a worker daemon's state records) go under the test's
+        # own directory: a daemon a test kills with SIGKILL cannot remove them.
+        tmp = log.parent / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env = {**_cluster_env(env or dict(os.environ)), "TMPDIR": str(tmp)}
         with open(log, "ab") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "farpool", *args],
                                          stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                         env=_cluster_env(env or dict(os.environ)))
+                                         env=env)
 
     @property
     def pid(self) -> int:

@@ -255,7 +255,7 @@ def _run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=os.path.dirname(__file__))
 
 
-def test_workers_exit_when_the_client_is_killed():
+def test_workers_exit_when_the_client_is_killed(tmp_path):
     code = """
         import os, sys, time, farpool
         ex = farpool.ProcessPoolExecutor(max_workers=2)
@@ -263,8 +263,10 @@ def test_workers_exit_when_the_client_is_killed():
         print(" ".join(map(str, pids)), flush=True)
         time.sleep(60)
     """
+    # The client's pool directory goes under tmp_path: killed, it cannot remove it.
     client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         line = client.stdout.readline()
         pids = [int(p) for p in line.split()]
