@@ -26,11 +26,14 @@ Semantics on top of Ray's:
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import os
 import re
 import signal
 import threading
+import time
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,6 +57,9 @@ REMOTE_CACHE_SIZE = 256
 # A function whose pickle is larger than this (captured arrays...) travels with each
 # call through the object store instead of being exported to Ray's GCS.
 MAX_EXPORT_BYTES = 64 * 1024
+# Seconds a cancel waits for tasks that have just ended to be seen as ended (see
+# RayBackend._engine_cancel).
+CANCEL_SETTLE = 0.05
 # Ray colours its tracebacks for terminals.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOST_ERRORS = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "RayActorError",
@@ -230,6 +236,9 @@ class RayBackend(EngineBackend):
         # (Ray Client's pass its connection errors as values too), and only while
         # Ray has it (checked once).
         self._fast_ref = ray.ObjectRef if hasattr(ray.ObjectRef, "_on_completed") else None
+        # Unfinished tasks in the order they were submitted (see _engine_cancel).
+        self._order: dict[Any, int] = {}
+        self._submitted = itertools.count()
         self._address = address
         _session.acquire(ray, address, max_workers, init_options)
         try:
@@ -281,17 +290,23 @@ class RayBackend(EngineBackend):
     def _watch(self, future: Future, handle: Any) -> None:
         # Ray calls back from its own thread with the task's value, or a RayError (a
         # task's exception, a lost worker, a cancellation).
+        self._order[handle] = next(self._submitted)  # see _engine_cancel
         if type(handle) is self._fast_ref:
-            handle._on_completed(functools.partial(self._ray_done, future))
+            handle._on_completed(functools.partial(self._ray_settled, future, handle))
         else:
-            handle.future().add_done_callback(functools.partial(self._from_future, future))
+            handle.future().add_done_callback(functools.partial(self._from_future, future, handle))
+
+    def _ray_settled(self, future: Future, handle: Any, value: Any) -> None:
+        self._order.pop(handle, None)
+        self._ray_done(future, value)
 
     def _ray_done(self, future: Future, value: Any) -> None:
         # A result is set here when it can be; the rest goes to the results thread.
         if isinstance(value, self._ray_error) or not self._settle_here(future, value):
             self._engine_done(future, value)
 
-    def _from_future(self, future: Future, ray_future: Future) -> None:
+    def _from_future(self, future: Future, handle: Any, ray_future: Future) -> None:
+        self._order.pop(handle, None)
         try:
             value = ray_future.result()
         except BaseException as exc:  # noqa: BLE001 - translated in the results thread
@@ -339,23 +354,39 @@ class RayBackend(EngineBackend):
     # -- cancelling ------------------------------------------------------------------
 
     def _engine_cancel(self, handles: list[Any]) -> None:
-        # Ray (2.60 here) can abort this whole process when a cancel races the reply
-        # of a task that is just finishing (RAY_CHECK "it != submissible_tasks_.end()"
-        # in TaskManager::CompletePendingTask, ray-project/ray#54527): tasks Ray
-        # already has results for are not cancelled, which leaves that race only to a
-        # task ending in the same instant.
+        """Cancel in Ray only the tasks that cannot have started.
+
+        A ``ray.cancel`` that meets a running task which then finishes aborts this
+        whole process in Ray 2.60 (RAY_CHECK "it != submissible_tasks_.end()" in
+        TaskManager::CompletePendingTask, ray-project/ray#54527). So a task is
+        cancelled there only while at least as many of this executor's tasks
+        submitted before it are still unfinished as the cluster has CPUs: it is
+        waiting for one of them. The others run on; their results are dropped.
+        Ray hands a freed worker its next task before it marks the finished one's
+        result ready, so the count waits CANCEL_SETTLE first: a map closed as its
+        results stream in would otherwise count tasks that have just ended.
+        """
         if not handles:
             return
+        ray = self._ray
+        order = self._order
+        time.sleep(CANCEL_SETTLE)
         try:
-            _, handles = self._ray.wait(list(handles), num_returns=len(handles), timeout=0,
-                                        fetch_local=False)
-        except Exception:  # noqa: BLE001 - Ray is going away: cancel all, as before
-            pass
+            cpus = int(ray.cluster_resources().get("CPU", 0)) or 1
+            cancelling = set(handles)
+            unfinished = [h for h in list(order) if h not in cancelling] + list(handles)
+            _, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=0,
+                                     fetch_local=False)
+        except Exception:  # noqa: BLE001 - Ray is going away: nothing to cancel safely
+            return
+        seqs = sorted(order.get(h, -1) for h in unfinished)
         for ref in handles:
+            seq = order.get(ref)
+            if seq is None or bisect.bisect_left(seqs, seq) < cpus:
+                continue  # finished, or may be running
             try:
-                # Not recursive: a running task ignores the interrupt and runs on, and
-                # so should what it submitted.
-                self._ray.cancel(ref, force=False, recursive=False)
+                # Not recursive: what a task submitted is left alone.
+                ray.cancel(ref, force=False, recursive=False)
             except Exception:  # noqa: BLE001 - already done, or Ray is going away
                 pass
 
