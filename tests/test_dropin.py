@@ -31,7 +31,7 @@ def test_thread_pool_starts_one_thread_per_blocked_submit_up_to_max_workers():
     ex = farpool.ThreadPoolExecutor(max_workers=5)
     sem = threading.Semaphore(0)
     try:
-        futs = [ex.submit(sem.acquire) for _ in range(3)]
+        futs = [ex.submit(sem.acquire, True, 10) for _ in range(3)]  # bounded
         assert len(ex._threads) == 3
         for _ in range(3):
             sem.release()
@@ -44,7 +44,7 @@ def test_thread_pool_starts_one_thread_per_blocked_submit_up_to_max_workers():
 
     with farpool.ThreadPoolExecutor(max_workers=4) as ex:
         sem = threading.Semaphore(0)
-        futs = [ex.submit(sem.acquire) for _ in range(40)]
+        futs = [ex.submit(sem.acquire, True, 10) for _ in range(40)]
         assert len(ex._threads) == ex._max_workers == 4
         for _ in range(40):
             sem.release()

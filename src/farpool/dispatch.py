@@ -92,8 +92,7 @@ class Dispatcher:
         if self.queued:
             return None
         for worker in self.workers.values():
-            if (len(worker.held) < worker.slots and not worker.retiring
-                    and (worker.tasks_left is None or worker.tasks_left > 0)):
+            if worker.credit(0):
                 worker.held[task.task_id] = task
                 if worker.tasks_left is not None:
                     worker.tasks_left -= 1

@@ -44,6 +44,7 @@ from .dispatch import Dispatcher, Task, WorkerSlot
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
 from .supervisor import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
+from .wakeup import WakePipe
 from .worker import SharedCalls, WorkerLoop, hello, run_initializer
 
 # Consecutive workers dying before their first HELLO that break the pool (a broken
@@ -257,12 +258,7 @@ class _PoolIO:
         self.broken: BaseException | None = None
 
         self.inbox: deque[Task] = deque()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        self.wake_pending = False
-        # Guards wake_w against cleanup closing it: a number closed may name another
-        # file of this process at once (see wake).
-        self.wake_lock = threading.Lock()
+        self.wakeup = WakePipe()
         self.closing = False
         self.cancel_pending = False
 
@@ -379,18 +375,7 @@ class _PoolIO:
         return protocol.readable(self.router)
 
     def wake(self) -> None:
-        if not self.wake_pending:
-            self.wake_pending = True
-            # Once the I/O thread has closed the pipe (a pool's finalizer or a second
-            # shutdown still wakes it), its number may have been reused by any file
-            # opened since, a multiprocessing Value's shared memory say: never write then.
-            with self.wake_lock:
-                if self.wake_w < 0:
-                    return
-                try:
-                    os.write(self.wake_w, b"x")
-                except OSError:  # the read end is closed: the I/O thread is finishing
-                    pass
+        self.wakeup.wake()
 
     def request_close(self, cancel: bool) -> None:
         if cancel:
@@ -416,7 +401,7 @@ class _PoolIO:
             # The router's FD, not the router: other threads may use the socket while
             # this one waits (under io_lock), so the wait must not touch it.
             self.poller.register(self.router_fd, zmq.POLLIN)
-            self.poller.register(self.wake_r, zmq.POLLIN)
+            self.poller.register(self.wakeup.fd, zmq.POLLIN)
             for sock in self.extra:
                 self.poller.register(sock, zmq.POLLIN)
             if self.processes:
@@ -438,7 +423,7 @@ class _PoolIO:
         readable = protocol.readable
         router = self.router
         router_fd = self.router_fd
-        wake_r = self.wake_r
+        wake_r = self.wakeup.fd
         poll = self.poller.poll
         lock = self.io_lock
         while True:
@@ -477,13 +462,7 @@ class _PoolIO:
 
     def take_inbox(self, woken: bool = True) -> None:
         if woken:
-            try:  # wake() writes at most a byte or two between reads
-                os.read(self.wake_r, 4096)
-            except BlockingIOError:
-                pass
-        # Only now: a wake() that found the flag set before this point has its tasks
-        # in the inbox already (drained below); one after it writes a byte again.
-        self.wake_pending = False
+            self.wakeup.drain()  # before the inbox: see WakePipe.drain
         inbox = self.inbox
         submit = self.dispatcher.submit
         while inbox:
@@ -521,8 +500,8 @@ class _PoolIO:
 
     def receive(self, caller: bool = False) -> None:
         """Handle what the workers sent. A submitting thread (``caller``) handles only
-        thread workers' RESULTS and HELLOs, which complete no future; anything else
-        it leaves in ``deferred`` for the I/O thread."""
+        HELLOs of thread workers starting up, which complete no future; anything
+        else it leaves in ``deferred`` for the I/O thread."""
         router = self.router
         readable = protocol.readable
         deferred = self.deferred
@@ -542,7 +521,7 @@ class _PoolIO:
             except protocol.ProtocolError as exc:
                 print(f"farpool: dropped a malformed message from a worker: {exc}", file=sys.stderr)
                 continue
-            if caller and msg.kind is not Kind.RESULTS and msg.kind is not Kind.HELLO:
+            if caller and msg.kind is not Kind.HELLO:
                 if msg.kind in self.handlers:
                     deferred.append((worker_id, msg))
                 continue
@@ -618,8 +597,6 @@ class _PoolIO:
             task = finished(worker_id, entry.task_id, entry.duration)
             if task is not None:
                 self.outcomes.append((task, entry, payload))
-        if threading.current_thread() is not self.thread:
-            self.deliver()
 
     def deliver(self) -> None:
         """Hand finished tasks to the sink. The I/O thread does it last in each round,
@@ -869,10 +846,7 @@ class _PoolIO:
         self.fail_pending("the pool was shut down before this task could run")
         self.router.close(0)
         self.ctx.term()
-        with self.wake_lock:
-            os.close(self.wake_w)
-            self.wake_w = -1
-        os.close(self.wake_r)
+        self.wakeup.close()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         _live_pools.discard(self)

@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..pool import _install_exit_hook, _label, _live_pools
 from ..protocol import Kind, Status
+from ..wakeup import WakePipe
 from .local import check_workers
 
 log = logging.getLogger("farpool.remote")
@@ -262,10 +263,7 @@ class _RemoteIO:
         self.cancel_pending = False
         self.connect_error: BaseException | None = None
         self.connected = threading.Event()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        self.wake_pending = False
-        self.wake_lock = threading.Lock()  # guards wake_w against the close (see wake)
+        self.wakeup = WakePipe()
         # Held by whoever uses the socket and the tables below it: the I/O thread,
         # except while it sleeps, or a caller sending its tasks directly.
         self.lock = threading.Lock()
@@ -339,17 +337,7 @@ class _RemoteIO:
         return on_done
 
     def wake(self, force: bool = False) -> None:
-        if force or not self.wake_pending:
-            self.wake_pending = True
-            # Once the I/O thread has closed the pipe, its number may name any file
-            # opened since (the finalizer still wakes a closed client): never write then.
-            with self.wake_lock:
-                if self.wake_w < 0:
-                    return
-                try:
-                    os.write(self.wake_w, b"x")
-                except OSError:  # the read end is closed: the I/O thread is finishing
-                    pass
+        self.wakeup.wake(force)
 
     def request_close(self, cancel: bool) -> None:
         if cancel:
@@ -380,7 +368,7 @@ class _RemoteIO:
         # only says "something changed": ZMQ_EVENTS (protocol.readable) says what.
         poller = select.poll()
         poller.register(self.sock.get(zmq.FD), select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
+        poller.register(self.wakeup.fd, select.POLLIN)
         if self.monitor is not None:
             poller.register(self.monitor.get(zmq.FD), select.POLLIN)
         with self.lock:
@@ -452,12 +440,7 @@ class _RemoteIO:
                 self.connected.set()
 
     def take_inbox(self) -> None:
-        self.wake_pending = False
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.wakeup.drain()  # before the inbox: see WakePipe.drain
         batch = []
         inbox = self.inbox
         while inbox:
@@ -611,8 +594,5 @@ class _RemoteIO:
             self.monitor.close(0)
         self.sock.close()
         self.ctx.term()
-        with self.wake_lock:
-            os.close(self.wake_w)
-            self.wake_w = -1
-        os.close(self.wake_r)
+        self.wakeup.close()
         _live_pools.discard(self)  # type: ignore[arg-type]
