@@ -4,9 +4,11 @@ ProtocolError (which the daemons count, log and drop) rather than crashing."""
 from __future__ import annotations
 
 import os
+import threading
 
 import msgpack
 import pytest
+import zmq
 
 from farpool import protocol
 from farpool.errors import ProtocolError, VersionMismatch
@@ -22,6 +24,44 @@ def test_round_trip_tasks_and_results():
     assert msg.frames == [b"fn", b"a", b"b"]
     msg = protocol.decode(protocol.encode(Kind.RESULTS, [[[7, int(Status.OK), 1, 0.5]]], [b"r"]))
     assert msg.body[0][0] == protocol.ResultEntry(7, Status.OK, 1, 0.5)
+
+
+def test_header_encoding_is_plain_msgpack_from_any_thread():
+    """encode reuses a msgpack Packer per thread: the bytes on the wire stay exactly
+    msgpack.packb's, whichever thread packs and however many at once."""
+    body = [[[5, b"k" * 16, 0, 1]]]
+    assert protocol.encode(Kind.TASKS, body, [b"a"]) == [msgpack.packb([1, int(Kind.TASKS), body]), b"a"]
+    assert protocol.encode(Kind.BYE, ("why",)) == [msgpack.packb([1, int(Kind.BYE), ["why"]])]
+    errors = []
+
+    def pack_many(n):
+        for i in range(2000):
+            want = msgpack.packb([1, int(Kind.CANCEL), [[n, i]]])
+            if protocol.encode(Kind.CANCEL, [[n, i]]) != [want]:
+                errors.append((n, i))
+
+    threads = [threading.Thread(target=pack_many, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+
+
+def test_decode_reads_a_header_from_a_frame_bytes_or_memoryview():
+    header, payload = protocol.encode(Kind.RESULTS, [[[3, int(Status.OK), 1, 2]]], [b"r"])
+    for frame in (header, memoryview(header), bytearray(header), zmq.Frame(header)):
+        msg = protocol.decode([frame, payload])
+        # An integer duration (msgpack keeps 2.0 as 2 only if the sender wrote an int)
+        # still comes out as a float.
+        assert msg.body[0] == [protocol.ResultEntry(3, Status.OK, 1, 2.0)]
+        assert type(msg.body[0][0].duration) is float
+
+
+def test_an_oversized_header_frame_is_refused_before_it_is_copied():
+    big = zmq.Frame(b"\x00" * (protocol.MAX_HEADER_BYTES + 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        protocol.decode([big])
 
 
 def head(version, kind, body):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -96,9 +97,20 @@ class Message(NamedTuple):
     frames: list[Any]  # payload frames (bytes, memoryview or zmq.Frame)
 
 
+# One msgpack Packer per thread: msgpack.packb builds a new one (and its buffer) on
+# every call, which costs more than packing a small header.
+_packers = threading.local()
+
+
 def encode(kind: Kind, body: Sequence[Any] = (), frames: Sequence[Any] = ()) -> list[Any]:
     """The frames of a message: the header, then the payload frames unchanged."""
-    return [msgpack.packb([PROTOCOL_VERSION, int(kind), list(body)]), *frames]
+    try:
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer().pack
+    # A tuple body packs as the same msgpack array as a list.
+    header = pack([PROTOCOL_VERSION, int(kind), body])
+    return [header, *frames] if frames else [header]
 
 
 # Plain ints: pyzmq's own multipart helpers combine IntFlag members on every frame,
@@ -119,14 +131,19 @@ def readable(sock: zmq.Socket) -> bool:
 _COPY_BELOW = 16 * 1024
 
 
+# The backend's send, without the sugar layer's keyword handling (routing_id, group:
+# unused here), which costs more than the send of a small frame itself.
+_send = zmq.backend.Socket.send
+
+
 def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
     """Send one multipart message; large frames go without a copy."""
-    send = sock.send
+    send = _send
     more = _SNDMORE | flags
     for frame in frames[:-1]:
-        send(frame, more, copy=type(frame) is bytes and len(frame) < _COPY_BELOW)
+        send(sock, frame, more, type(frame) is bytes and len(frame) < _COPY_BELOW, False)
     frame = frames[-1]
-    send(frame, flags, copy=type(frame) is bytes and len(frame) < _COPY_BELOW)
+    send(sock, frame, flags, type(frame) is bytes and len(frame) < _COPY_BELOW, False)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
@@ -140,24 +157,27 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     return frames
 
 
-def _buffer(frame: Any) -> Any:
-    # zmq.Frame exposes its bytes as .buffer; bytes and memoryviews pass through.
-    buf = getattr(frame, "buffer", None)
-    return frame if buf is None else buf
+_Frame = zmq.Frame
+_new_tuple = tuple.__new__  # builds the records below without their Python-level __new__
 
 
 def decode(frames: Sequence[Any]) -> Message:
     """Parse and validate a message; raise ``ProtocolError`` if it is not one."""
     if not frames:
         raise ProtocolError("empty message")
-    head = _buffer(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
+    head = frames[0]
+    if len(head) > MAX_HEADER_BYTES:  # before a zmq.Frame is copied out
         raise ProtocolError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    if type(head) is not bytes:
+        # A small copy: cheaper than the memoryview a zmq.Frame's .buffer makes.
+        head = head.bytes if isinstance(head, _Frame) else bytes(head)
     try:
-        header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=MAX_HEADER_BYTES)
+        # msgpack >= 1.0 defaults: str as str, map keys str or bytes only, and no
+        # length in the data may exceed the buffer's own.
+        header = _unpackb(head)
     except Exception as exc:
         raise ProtocolError(f"header is not msgpack: {exc}") from None
-    if not isinstance(header, list) or len(header) != 3:
+    if type(header) is not list or len(header) != 3:
         raise ProtocolError("header is not [version, kind, body]")
     version, kind, body = header
     if version != PROTOCOL_VERSION:
@@ -165,11 +185,14 @@ def decode(frames: Sequence[Any]) -> Message:
     kind = _KINDS.get(kind) if type(kind) is int else None
     if kind is None:
         raise ProtocolError(f"unknown message kind {header[1]!r}")
-    if not isinstance(body, list):
+    if type(body) is not list:
         raise ProtocolError(f"{kind.name} body is not a list")
     payload = list(frames[1:])
     body = _VALIDATORS[kind](body, len(payload))
-    return Message(kind, body, payload)
+    return _new_tuple(Message, (kind, body, payload))
+
+
+_unpackb = msgpack.unpackb
 
 
 def _int(value: Any, what: str) -> int:
@@ -198,7 +221,7 @@ def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
         if type(task_id) is not int or task_id < 0 or type(arg_frames) is not int or arg_frames < 0:
             raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
         total += fn_frames + arg_frames
-        entries.append(TaskEntry(task_id, fn_key, fn_frames, arg_frames))
+        entries.append(_new_tuple(TaskEntry, raw))
     if total != nframes:
         raise ProtocolError(f"TASKS header counts {total} frames, message has {nframes}")
     return [entries]
@@ -218,7 +241,9 @@ def _check_results(body: list[Any], nframes: int) -> list[Any]:
         if type(task_id) is not int or task_id < 0 or type(count) is not int or count < 0:
             raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
         total += count
-        entries.append(ResultEntry(task_id, status, count, float(duration)))
+        if type(duration) is int:
+            raw[3] = float(duration)
+        entries.append(_new_tuple(ResultEntry, raw))
     if total != nframes:
         raise ProtocolError(f"RESULTS header counts {total} frames, message has {nframes}")
     return [entries]
