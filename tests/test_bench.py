@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,33 @@ def test_unknown_row_is_refused():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "farpool-processes" in proc.stderr  # the message lists the known rows
+
+
+FLOORS = Path(__file__).resolve().parents[1] / "scripts" / "floors.py"
+
+
+@pytest.mark.timeout(120)
+def test_floors_prints_a_bare_pyzmq_round_trip_for_every_shape(tmp_path):
+    raw = tmp_path / "floors.json"
+    # Its own short TMPDIR (an ipc:// path must fit in a socket address), to see that
+    # the script removes what it made there.
+    scratch = Path(tempfile.mkdtemp(prefix="fpf-"))
+    try:
+        proc = subprocess.run([sys.executable, str(FLOORS), "--number", "50", "--repeat", "1",
+                               "--json", str(raw)], capture_output=True, text=True, timeout=100,
+                              env={**os.environ, "TMPDIR": str(scratch)})
+        left = list(scratch.iterdir())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and re.fullmatch(r"[0-9]+", cells[1]):
+            rows[cells[0]] = int(cells[1])
+    shapes = ["inproc threads", "ipc direct", "tcp direct", "tcp direct, CURVE", "tcp broker",
+              "tcp broker, CURVE"]
+    assert list(rows) == shapes, proc.stdout
+    assert all(value > 0 for value in rows.values())
+    assert sorted(json.loads(raw.read_text())) == sorted(shapes)
+    assert not left  # its ipc directory is gone
