@@ -40,6 +40,10 @@ def test_header_encoding_is_plain_msgpack_from_any_thread():
             if protocol.encode(Kind.CANCEL, [[n, i]]) != [want]:
                 errors.append((n, i))
 
+    # A body msgpack cannot pack raises, and leaves nothing behind for the next one.
+    with pytest.raises(TypeError):
+        protocol.encode(Kind.HELLO, [{"not packable": {1, 2}}])
+    assert protocol.encode(Kind.BYE, ["a"]) == [msgpack.packb([1, int(Kind.BYE), ["a"]])]
     threads = [threading.Thread(target=pack_many, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
