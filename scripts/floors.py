@@ -63,6 +63,11 @@ def _echo(address: str, keys: tuple[bytes, bytes] | None) -> None:
     sock.linger = 0
     _server(sock, keys)
     sock.bind(address)
+    _echo_until_stop(ctx, sock)
+
+
+def _echo_until_stop(ctx: zmq.Context, sock: zmq.Socket) -> None:
+    """Send every message back until one ends in b"stop"; then close up."""
     try:
         while True:
             frames = sock.recv_multipart()
@@ -112,15 +117,7 @@ def _brokered_worker(back: str, server_public: bytes | None) -> None:
     _client(sock, server_public)
     sock.connect(back)
     sock.send(b"hello")
-    try:
-        while True:
-            frames = sock.recv_multipart()
-            if frames[-1] == b"stop":
-                return
-            sock.send_multipart(frames)
-    finally:
-        sock.close()
-        ctx.term()
+    _echo_until_stop(ctx, sock)
 
 
 def _time(sock: zmq.Socket, number: int, repeat: int) -> list[float]:

@@ -274,8 +274,8 @@ class DaskBackend(EngineBackend):
         self._ready.append((future, dfut))
         del future, dfut  # this task may go on fetching others: hold no result
         wake = self._wake
-        if wake is not None and not wake.done() and not self._busy():
-            wake.set_result(None)
+        if wake is not None and not self._busy():
+            _set_once(wake)
         if self._fetching:
             return  # the running fetch takes it next
         self._fetching = True
