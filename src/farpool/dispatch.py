@@ -28,7 +28,7 @@ _EMA_WEIGHT = 0.2
 _MAX_TIMED_FUNCTIONS = 4096
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one is made per task
 class Task:
     """One task in flight. ``frames`` are opaque payload frames."""
 
@@ -43,7 +43,7 @@ class Task:
     context: Any = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WorkerSlot:
     """What the dispatcher knows of one worker."""
 
@@ -92,11 +92,16 @@ class Dispatcher:
         if self.queued:
             return None
         for worker in self.workers.values():
-            if worker.credit(0):
-                worker.held[task.task_id] = task
-                if worker.tasks_left is not None:
-                    worker.tasks_left -= 1
-                return worker
+            # credit(0), spelled out: this runs on every submit of a round trip.
+            if len(worker.held) < worker.slots and not worker.retiring:
+                left = worker.tasks_left
+                if left is None:
+                    worker.held[task.task_id] = task
+                    return worker
+                if left > 0:
+                    worker.held[task.task_id] = task
+                    worker.tasks_left = left - 1
+                    return worker
         return None
 
     def cancel(self, client: Hashable, task_ids: set[int]) -> list[Task]:

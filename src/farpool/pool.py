@@ -23,6 +23,7 @@ lets queued work finish before the interpreter exits, as the stdlib does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
@@ -168,6 +169,8 @@ class LocalPool:
         task = self._make_task(fn, args, kwargs, future, None)
         if task is not None:
             if not self.processes:
+                if self._io.run_now(task):
+                    return future
                 self._io.add_threads(1)
             self._io.post([task])
         return future
@@ -325,6 +328,38 @@ class _PoolIO:
                 self.io_lock.release()
         else:
             self.wake()
+
+    def run_now(self, task: Task) -> bool:
+        """A thread pool's submit, when a worker is idle and nothing is queued: send
+        ``task`` to it from the submitting thread, and take the idle token as
+        add_threads would. False (having changed nothing) in any other case.
+
+        The short way matters for latency: every step of a thread pool's round trip
+        runs under the interpreter lock, the caller's and the worker's in turn.
+        """
+        if self.inbox or self.closing or self.broken is not None:
+            return False
+        idle = self.idle
+        try:
+            idle.pop()
+        except IndexError:
+            return False  # no idle worker: add_threads may start one
+        if not self.io_lock.acquire(blocking=False):
+            idle.append(None)
+            return False
+        try:
+            if self.freed:
+                self.take_freed()
+            # Threads still starting send HELLOs that only the general path reads.
+            worker = (self.dispatcher.place(task) if self.hellos >= len(self.threads)
+                      else None)
+            if worker is None:
+                idle.append(None)
+                return False
+            self.send_shared(worker, [task])
+            return True
+        finally:
+            self.io_lock.release()
 
     def dispatch_now(self) -> None:
         """In a submitting thread, with ``io_lock``: hand the inbox to idle workers.
@@ -637,33 +672,54 @@ class _PoolIO:
     def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
         """Send ``worker`` the tasks the dispatcher gave it (each function's pickle
         only the first time this worker sees it)."""
+        if not self.processes:
+            self.send_shared(worker, batch)
+            return
         entries: list[list[Any]] = []
         frames: list[Any] = []
         sent = self.sent_fns[worker.worker_id]
         for task in batch:
             if not self.sink.start(task):
-                del worker.held[task.task_id]
-                if worker.tasks_left is not None:
-                    worker.tasks_left += 1
+                self.unplace(worker, task)
                 continue
-            if self.processes:
-                with_fn = sent.needs(task.fn_key)
-                entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
-                if with_fn:
-                    frames.append(task.fn_blob)
-                frames.extend(task.frames)
-            else:
-                fn, args, kwargs = task.fn_blob
-                task.fn_blob = None
-                self.shared_calls[task.task_id] = (fn, args, kwargs, task.context)
-                # The worker holds the future now, until it has completed it; the
-                # task only needs it to fail it should the pool stop first. Held
-                # weakly, a result the caller has dropped is freed at once, whenever
-                # the pool next looks at what its threads finished (thread_done).
-                task.context = weakref.ref(task.context)
-                entries.append([task.task_id, b"-", 0, 0])
+            with_fn = sent.needs(task.fn_key)
+            entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+            if with_fn:
+                frames.append(task.fn_blob)
+            frames.extend(task.frames)
         if entries:
             self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
+
+    def send_shared(self, worker: WorkerSlot, batch: list[Task]) -> None:
+        """send_batch for a thread worker: the calls wait in ``shared_calls`` and the
+        message names them by task id, in one frame (see WorkerLoop's one_frame)."""
+        entries: list[list[Any]] = []
+        calls = self.shared_calls
+        for task in batch:
+            future = task.context
+            # A thread worker never dies under a task: nothing is ever requeued
+            # running, so unlike FutureSink.start there is no running state to allow.
+            if not future.set_running_or_notify_cancel():
+                self.unplace(worker, task)
+                continue
+            fn, args, kwargs = task.fn_blob
+            task.fn_blob = None
+            calls[task.task_id] = (fn, args, kwargs, future)
+            # The worker holds the future now, until it has completed it; the task
+            # only needs it to fail it should the pool stop first. Held weakly, a
+            # result the caller has dropped is freed at once, whenever the pool next
+            # looks at what its threads finished (thread_done).
+            task.context = weakref.ref(future)
+            entries.append([task.task_id, b"-", 0, 0])
+        if entries:
+            self.send(worker, protocol.encode(Kind.TASKS, [entries]))
+
+    @staticmethod
+    def unplace(worker: WorkerSlot, task: Task) -> None:
+        """Take back a task placed on ``worker`` that was cancelled before it went."""
+        del worker.held[task.task_id]
+        if worker.tasks_left is not None:
+            worker.tasks_left += 1
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:
@@ -736,8 +792,8 @@ class _PoolIO:
                 return
             hello(sock, {"pid": os.getpid(), "slots": 1})
             calls = SharedCalls(self.shared_calls,
-                                report=lambda entries: self.thread_done(worker_id, entries))
-            loop = WorkerLoop(sock, calls, stop=self.stop_threads)
+                                report=functools.partial(self.thread_done, worker_id))
+            loop = WorkerLoop(sock, calls, stop=self.stop_threads, one_frame=True)
             reason = loop.run()
             sock.send_multipart(protocol.encode(Kind.BYE, [reason]))
         finally:

@@ -171,6 +171,8 @@ def decode(frames: Sequence[Any]) -> Message:
     if type(head) is not bytes:
         # A small copy: cheaper than the memoryview a zmq.Frame's .buffer makes.
         head = head.bytes if isinstance(head, _Frame) else bytes(head)
+    # (Each check below is spelled out in one place: decode runs for every message,
+    # and on a thread pool's round trip its cost is a measurable part of the total.)
     try:
         # msgpack >= 1.0 defaults: str as str, map keys str or bytes only, and no
         # length in the data may exceed the buffer's own.
@@ -182,14 +184,14 @@ def decode(frames: Sequence[Any]) -> Message:
     version, kind, body = header
     if version != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    kind = _KINDS.get(kind) if type(kind) is int else None
-    if kind is None:
-        raise ProtocolError(f"unknown message kind {header[1]!r}")
+    known = _KINDS.get(kind) if type(kind) is int else None
+    if known is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    kind, check = known
     if type(body) is not list:
         raise ProtocolError(f"{kind.name} body is not a list")
-    payload = list(frames[1:])
-    body = _VALIDATORS[kind](body, len(payload))
-    return _new_tuple(Message, (kind, body, payload))
+    payload = frames[1:] if type(frames) is list else list(frames[1:])
+    return _new_tuple(Message, (kind, check(body, len(payload)), payload))
 
 
 _unpackb = msgpack.unpackb
@@ -202,7 +204,7 @@ def _int(value: Any, what: str) -> int:
 
 
 def _entries(body: list[Any], what: str) -> list[Any]:
-    if len(body) != 1 or not isinstance(body[0], list):
+    if len(body) != 1 or type(body[0]) is not list:  # msgpack arrays decode as lists
         raise ProtocolError(f"{what} body is not [[entries...]]")
     return body[0]
 
@@ -214,17 +216,26 @@ def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
         if type(raw) is not list or len(raw) != 4:
             raise ProtocolError(f"bad task entry {raw!r:.80}")
         task_id, fn_key, fn_frames, arg_frames = raw
-        if type(fn_key) is not bytes or not 0 < len(fn_key) <= 64:
-            raise ProtocolError("task fn_key is not 1..64 bytes")
-        if type(fn_frames) is not int or fn_frames not in (0, 1):
-            raise ProtocolError("task fn_frames is not 0 or 1")
-        if type(task_id) is not int or task_id < 0 or type(arg_frames) is not int or arg_frames < 0:
-            raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
+        if (type(task_id) is not int or task_id < 0 or type(fn_key) is not bytes
+                or not 0 < len(fn_key) <= 64 or type(fn_frames) is not int
+                or (fn_frames != 0 and fn_frames != 1)
+                or type(arg_frames) is not int or arg_frames < 0):
+            raise ProtocolError(_bad_task(raw))
         total += fn_frames + arg_frames
         entries.append(_new_tuple(TaskEntry, raw))
     if total != nframes:
         raise ProtocolError(f"TASKS header counts {total} frames, message has {nframes}")
     return [entries]
+
+
+def _bad_task(raw: list[Any]) -> str:
+    """What is wrong with a task entry that failed _check_tasks's test."""
+    task_id, fn_key, fn_frames, arg_frames = raw
+    if type(fn_key) is not bytes or not 0 < len(fn_key) <= 64:
+        return "task fn_key is not 1..64 bytes"
+    if type(fn_frames) is not int or fn_frames not in (0, 1):
+        return "task fn_frames is not 0 or 1"
+    return f"bad task id or frame count in {raw!r:.80}"
 
 
 def _check_results(body: list[Any], nframes: int) -> list[Any]:
@@ -296,7 +307,8 @@ _VALIDATORS = {
 }
 
 
-_KINDS = {int(k): k for k in Kind}
+# Kind number -> (Kind, its body's validator).
+_KINDS = {int(k): (k, check) for k, check in _VALIDATORS.items()}
 _STATUSES = frozenset(int(s) for s in Status)
 
 

@@ -45,6 +45,9 @@ SHORT_TASK_SECONDS = 0.0002
 IDLE_CHECK_MS = 200
 # The state record a local supervisor reads after a crash: (running id, last done id).
 STATE = struct.Struct("<QQ")
+# Module globals: cheaper to read than the enums' attributes, once per task.
+_TASKS = Kind.TASKS
+_OK = int(Status.OK)
 
 
 class PickledCalls:
@@ -117,7 +120,7 @@ class SharedCalls:
         except BaseException as exc:  # noqa: BLE001
             self.outcome = (future, exc, True)
             del exc
-        return Status.OK, []
+        return _OK, ()
 
     def finish(self) -> None:
         future, value, raised = self.outcome  # type: ignore[misc]
@@ -140,12 +143,19 @@ class WorkerLoop:
     complete their futures themselves: what they send back is only bookkeeping.
 
     The socket is used by one thread at a time: ``lock`` is held by the loop except
-    while a task runs or the loop waits for work (with nothing held back).
+    while a task runs or the loop waits for work (with nothing held back). Thread
+    workers have no flusher, so they skip it.
+
+    ``one_frame``: every message on ``sock`` is one frame (a thread worker's, from
+    its own pool over inproc), so it is received as bytes: cheaper than the
+    zmq.Frames a multipart receive needs.
     """
 
     def __init__(self, sock: zmq.Socket, calls: Any, *, max_tasks: int | None = None,
-                 state: mmap.mmap | None = None, stop: threading.Event | None = None) -> None:
+                 state: mmap.mmap | None = None, stop: threading.Event | None = None,
+                 one_frame: bool = False) -> None:
         self.sock = sock
+        self.one_frame = one_frame
         self.stop = stop
         self.calls = calls
         self.max_tasks = max_tasks
@@ -199,17 +209,20 @@ class WorkerLoop:
             # a message that comes is taken in the same call that waited for it.
             sock.rcvtimeo = IDLE_CHECK_MS
             self.timeout_set = True
-        self.lock.release()  # nothing is held back: the flusher leaves the socket alone
+        bounded = self.bounded
+        if bounded:
+            self.lock.release()  # nothing is held back: the flusher leaves the socket alone
         try:
             while True:
                 try:
-                    frames = protocol.recv_frames(sock)
+                    frames = [sock.recv()] if self.one_frame else protocol.recv_frames(sock)
                     break
                 except zmq.Again:
                     if stop is not None and stop.is_set():
                         return False
         finally:
-            self.lock.acquire()
+            if bounded:
+                self.lock.acquire()
         self.handle(frames)
         return True
 
@@ -218,7 +231,7 @@ class WorkerLoop:
         sock = self.sock
         readable = protocol.readable
         while not self.stop_reason and readable(sock):
-            self.handle(protocol.recv_frames(sock))
+            self.handle([sock.recv()] if self.one_frame else protocol.recv_frames(sock))
 
     def handle(self, frames: list[Any]) -> None:
         try:
@@ -226,12 +239,14 @@ class WorkerLoop:
         except protocol.ProtocolError as exc:
             print(f"farpool worker: dropped a malformed message: {exc}", file=sys.stderr)
             return
-        if msg.kind is Kind.TASKS:
+        if msg.kind is _TASKS:
             payload = msg.frames
+            receive = self.calls.receive
+            pending = self.pending
             pos = 0
             for entry in msg.body[0]:
-                end = pos + entry.nframes
-                self.pending.append((entry, self.calls.receive(entry, payload[pos:end])))
+                end = pos + entry.fn_frames + entry.arg_frames
+                pending.append((entry, receive(entry, payload[pos:end])))
                 pos = end
         elif msg.kind is Kind.CANCEL:
             # Tasks handed ahead (prefetch) and not begun: answer them as cancelled.
@@ -259,14 +274,17 @@ class WorkerLoop:
         state = self.state
         if state is not None:
             STATE.pack_into(state, 0, entry.task_id + 1, 0)
-        self.lock.release()
+        bounded = self.bounded
+        if bounded:
+            self.lock.release()
         start = time.perf_counter()
         try:
             status, frames = self.calls.run(entry, item)
             del item
         finally:
             end = time.perf_counter()
-            self.lock.acquire()
+            if bounded:
+                self.lock.acquire()
         seconds = end - start
         if state is not None:
             STATE.pack_into(state, 0, 0, entry.task_id + 1)
@@ -280,7 +298,7 @@ class WorkerLoop:
         self.ran += 1
         if self.max_tasks is not None and self.ran >= self.max_tasks:
             self.stop_reason = "retired"  # max_tasks_per_child reached
-        if not self.bounded:  # the calls complete futures themselves (thread workers)
+        if not bounded:  # the calls complete futures themselves (thread workers)
             if not self.pending:
                 self.flush()
             self.calls.finish()
