@@ -50,8 +50,9 @@ class WorkerSlot:
     worker_id: Hashable
     slots: int
     tasks_left: int | None = None  # max_tasks_per_child budget, None for unlimited
-    # Tasks sent and not yet answered, in the order the worker runs them.
-    held: OrderedDict[int, Task] = field(default_factory=OrderedDict)
+    # Tasks sent and not yet answered, in the order the worker runs them (a dict
+    # keeps insertion order, and is cheaper than an OrderedDict on every task).
+    held: dict[int, Task] = field(default_factory=dict)
     retiring: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -70,8 +71,9 @@ class Dispatcher:
     def __init__(self) -> None:
         self.queues: OrderedDict[Hashable, deque[Task]] = OrderedDict()
         self.workers: OrderedDict[Hashable, WorkerSlot] = OrderedDict()
-        # Moving average of run time per function (fn_key), most recently used last.
-        self.fn_seconds: OrderedDict[bytes, float] = OrderedDict()
+        # Moving average of run time per function (fn_key). Forgotten all at once when
+        # full: rare, and cheaper on every task than keeping it in LRU order.
+        self.fn_seconds: dict[bytes, float] = {}
         self.queued = 0
         self.done = 0
 
@@ -134,11 +136,14 @@ class Dispatcher:
         if seconds < 0:  # not run (cancelled while held): nothing to learn
             return task
         times = self.fn_seconds
-        ema = times.get(task.fn_key)
-        times[task.fn_key] = seconds if ema is None else ema + _EMA_WEIGHT * (seconds - ema)
-        times.move_to_end(task.fn_key)
-        if len(times) > _MAX_TIMED_FUNCTIONS:
-            times.popitem(last=False)
+        key = task.fn_key
+        ema = times.get(key)
+        if ema is not None:
+            times[key] = ema + _EMA_WEIGHT * (seconds - ema)
+        else:
+            if len(times) >= _MAX_TIMED_FUNCTIONS:
+                times.clear()
+            times[key] = seconds
         return task
 
     # -- workers -------------------------------------------------------------------

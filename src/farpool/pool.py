@@ -53,6 +53,7 @@ from .worker import SharedCalls, WorkerLoop, hello, run_initializer
 MAX_START_FAILURES = 3
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
+_TASKS = Kind.TASKS  # a module global: cheaper to read than the enum's attribute
 
 _live_pools: weakref.WeakSet[_PoolIO] = weakref.WeakSet()
 _exiting = False
@@ -166,13 +167,16 @@ class LocalPool:
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
         future: Future = Future()
+        io = self._io
+        if not self.processes:
+            task = self._shared_task(fn, args, kwargs, future)
+            if not io.run_now(task):
+                io.add_threads(1)
+                io.post([task])
+            return future
         task = self._make_task(fn, args, kwargs, future, None)
         if task is not None:
-            if not self.processes:
-                if self._io.run_now(task):
-                    return future
-                self._io.add_threads(1)
-            self._io.post([task])
+            io.post([task])
         return future
 
     def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
@@ -187,7 +191,8 @@ class LocalPool:
         futures, tasks = [], []
         for args in calls:
             future: Future = Future()
-            task = self._make_task(fn, args, {}, future, fn_pickle)
+            task = (self._make_task(fn, args, {}, future, fn_pickle) if self.processes
+                    else self._shared_task(fn, args, {}, future))
             futures.append(future)
             if task is not None:
                 tasks.append(task)
@@ -197,15 +202,23 @@ class LocalPool:
             self._io.post(tasks)
         return futures
 
+    def _shared_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     future: Future) -> Task:
+        """A thread pool's task: threads share memory, so the call itself rides in
+        fn_blob, never pickled."""
+        broken = self._io.broken
+        if broken is not None:
+            raise self.broken_type(str(broken))
+        return Task(next(self._ids), b"-", (fn, args, kwargs), [], b"", _label(fn), 0, future)
+
     def _make_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
                    fn_pickle: Any) -> Task | None:
+        """A process pool's task: the function's pickle (made once per function) and
+        the arguments' frames; None if they fail to pickle (``future`` says why)."""
         broken = self._io.broken
         if broken is not None:
             raise self.broken_type(str(broken))
         task_id = next(self._ids)
-        if not self.processes:
-            # Threads share memory: the call itself rides in fn_blob, never pickled.
-            return Task(task_id, b"-", (fn, args, kwargs), [], label=_label(fn), context=future)
         try:
             if fn_pickle is None:
                 with self._pickle_lock:
@@ -695,6 +708,7 @@ class _PoolIO:
         message names them by task id, in one frame (see WorkerLoop's one_frame)."""
         entries: list[list[Any]] = []
         calls = self.shared_calls
+        sent = []
         for task in batch:
             future = task.context
             # A thread worker never dies under a task: nothing is ever requeued
@@ -702,17 +716,19 @@ class _PoolIO:
             if not future.set_running_or_notify_cancel():
                 self.unplace(worker, task)
                 continue
-            fn, args, kwargs = task.fn_blob
-            task.fn_blob = None
-            calls[task.task_id] = (fn, args, kwargs, future)
-            # The worker holds the future now, until it has completed it; the task
-            # only needs it to fail it should the pool stop first. Held weakly, a
-            # result the caller has dropped is freed at once, whenever the pool next
-            # looks at what its threads finished (thread_done).
-            task.context = weakref.ref(future)
+            calls[task.task_id] = (*task.fn_blob, future)
             entries.append([task.task_id, b"-", 0, 0])
-        if entries:
-            self.send(worker, protocol.encode(Kind.TASKS, [entries]))
+            sent.append(task)
+        if not entries:
+            return
+        self.send(worker, protocol.encode(_TASKS, [entries]))
+        # After the send, while the worker wakes up: the worker holds the future now,
+        # until it has completed it; the task only needs it to fail it should the
+        # pool stop first. Held weakly, a result the caller has dropped is freed at
+        # once, whenever the pool next looks at what its threads finished.
+        for task in sent:
+            task.fn_blob = None
+            task.context = weakref.ref(task.context)
 
     @staticmethod
     def unplace(worker: WorkerSlot, task: Task) -> None:
@@ -723,7 +739,7 @@ class _PoolIO:
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:
-            protocol.send_frames(self.router, [worker.worker_id, *msg])
+            protocol.send_routed(self.router, worker.worker_id, msg)
         except zmq.ZMQError as exc:  # the peer is gone: its death notice follows
             print(f"farpool: could not send to worker {worker.worker_id!r}: {exc}", file=sys.stderr)
 

@@ -146,6 +146,17 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None
     send(sock, frame, flags, type(frame) is bytes and len(frame) < _COPY_BELOW, False)
 
 
+def send_routed(sock: zmq.Socket, peer: bytes, frames: Sequence[Any]) -> None:
+    """A ROUTER's message to ``peer``: ``send_frames(sock, [peer, *frames])``
+    without building that list, and a one-frame message without the loop."""
+    _send(sock, peer, _SNDMORE, True, False)
+    if len(frames) == 1:
+        frame = frames[0]
+        _send(sock, frame, 0, type(frame) is bytes and len(frame) < _COPY_BELOW, False)
+    else:
+        send_frames(sock, frames)
+
+
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     """Receive one whole multipart message as zmq.Frames (no copies: payloads may be
     large buffers). With ``NOBLOCK``, raises zmq.Again when nothing is waiting."""
@@ -210,9 +221,11 @@ def _entries(body: list[Any], what: str) -> list[Any]:
 
 
 def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
+    if len(body) != 1 or type(body[0]) is not list:  # _entries, inlined
+        raise ProtocolError("TASKS body is not [[entries...]]")
     entries = []
     total = 0
-    for raw in _entries(body, "TASKS"):
+    for raw in body[0]:
         if type(raw) is not list or len(raw) != 4:
             raise ProtocolError(f"bad task entry {raw!r:.80}")
         task_id, fn_key, fn_frames, arg_frames = raw
