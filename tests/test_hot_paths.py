@@ -190,3 +190,43 @@ def test_worker_batches_results_of_short_tasks():
         dealer.close()
         router.close()
         ctx.term()
+
+
+def test_thread_round_trips_go_from_the_caller_without_waking_the_io_thread():
+    # With a worker idle and nothing queued, submit sends the task itself: the
+    # pool's I/O thread is never woken, yet every result is right and in order.
+    with farpool.ThreadPoolExecutor(max_workers=2) as ex:
+        assert ex.submit(identity, 0).result(timeout=10) == 0  # the worker is up
+        io = ex._backend._io
+        wakes = []
+        wake = io.wake
+        io.wake = lambda: (wakes.append(1), wake())
+        try:
+            got = [ex.submit(identity, i).result(timeout=10) for i in range(200)]
+        finally:
+            del io.wake
+        assert got == list(range(200))
+        assert wakes == []
+        assert len(ex._threads) == 1  # sequential tasks needed one thread
+
+
+def test_a_thread_task_cancelled_while_queued_gives_its_worker_back():
+    # One thread, blocked; two tasks queue behind it and the first is cancelled.
+    # The dispatcher hands both to the worker once it is free: the cancelled one
+    # must not run, and must not keep the worker's only slot (else the pool hangs).
+    ran = []
+    gate = threading.Event()
+    with farpool.ThreadPoolExecutor(max_workers=1) as ex:
+        blocker = ex.submit(gate.wait, 10)
+        cancelled = ex.submit(ran.append, "cancelled")
+        after = ex.submit(ran.append, "after")
+        assert cancelled.cancel()
+        gate.set()
+        assert blocker.result(timeout=10) is True
+        assert after.result(timeout=10) is None
+        assert ex.submit(identity, 7).result(timeout=10) == 7
+    assert ran == ["after"]
+
+
+def identity(x):
+    return x

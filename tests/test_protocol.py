@@ -111,3 +111,36 @@ def test_version_conflicts_name_what_differs():
     problems = protocol.version_conflicts(ours, theirs)
     assert any("python 2.7 (peer)" in p for p in problems)
     assert any("cloudpickle 0.1.0 (peer)" in p for p in problems)
+
+
+def test_send_routed_delivers_one_frame_and_many_frames_whole():
+    # A ROUTER's send to one peer: the peer gets exactly the frames given, a small
+    # one-frame header alone, and a header with a large (uncopied) payload frame.
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.router_mandatory = True
+    router.bind("inproc://protocol-send-routed")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.identity = b"peer"
+    dealer.connect("inproc://protocol-send-routed")
+    dealer.rcvtimeo = 5000
+    try:
+        dealer.send(b"hi")
+        assert router.recv_multipart() == [b"peer", b"hi"]
+        header = protocol.encode(Kind.TASKS, [[[1, b"-", 0, 0]]])
+        protocol.send_routed(router, b"peer", header)
+        msg = protocol.decode(protocol.recv_frames(dealer))
+        assert msg.body[0] == [(1, b"-", 0, 0)] and msg.frames == []
+        big = os.urandom(100_000)
+        protocol.send_routed(router, b"peer", protocol.encode(Kind.TASKS, [[[2, b"k", 0, 2]]],
+                                                              [b"small", big]))
+        msg = protocol.decode(protocol.recv_frames(dealer))
+        assert [bytes(f) for f in msg.frames] == [b"small", big]
+        with pytest.raises(zmq.ZMQError):  # an unknown peer is an error, not a silent drop
+            protocol.send_routed(router, b"nobody", header)
+    finally:
+        dealer.close()
+        router.close()
+        ctx.term()
