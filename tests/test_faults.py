@@ -109,6 +109,40 @@ def test_retries_rerun_a_task_whose_worker_died(tmp_path):
         assert ex.submit(crash_once, marker).result(timeout=30) == "second try"
 
 
+def mark_or_die(path, die):
+    """Append one mark to ``path`` (a count of runs), or kill the worker."""
+    if die:
+        os._exit(3)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # quick: the run must time as short
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
+def test_a_task_whose_result_the_dead_worker_held_back_never_runs_twice(tmp_path):
+    # A worker holds a short task's result back while it runs the next one (results
+    # are batched). Trained short, the function's two calls go to the one worker in
+    # one batch; the second kills it. The first ran, so it must not run again on the
+    # new worker: the caller gets its result or WorkerLost, never a second run.
+    ran = tmp_path / "runs"
+    ran.write_text("")
+    with farpool.Executor("processes", max_workers=1) as ex:
+        scratch = str(tmp_path / "training")
+        open(scratch, "w").close()
+        for _ in range(3):  # timed short, in the pool and in the worker
+            list(ex.map(mark_or_die, [scratch] * 100, [False] * 100, timeout=30))
+        first, second = ex._submit_many(mark_or_die, [(str(ran), False), (str(ran), True)])
+        with pytest.raises(farpool.WorkerLost):
+            second.result(timeout=30)
+        try:
+            assert first.result(timeout=30) is None
+        except farpool.WorkerLost as exc:
+            assert "before it reported the result" in str(exc)
+        assert ex.submit(square, 3).result(timeout=30) == 9  # the worker was replaced
+    assert ran.read_text() == "x"
+
+
 def crash_once_later(marker, delay):
     time.sleep(delay)
     return crash_once(marker)

@@ -114,7 +114,10 @@ class Dispatcher:
         kept, dropped = deque(), []
         for task in queue:
             (dropped if task.task_id in task_ids else kept).append(task)
-        self.queues[client] = kept
+        if kept:
+            self.queues[client] = kept
+        else:  # no empty queue left behind: _take would spend a turn on it
+            del self.queues[client]
         self.queued -= len(dropped)
         return dropped
 
@@ -224,29 +227,28 @@ class Dispatcher:
         return sum(len(w.held) for w in self.workers.values())
 
 
-def sort_lost(held: list[Task], running: int | None,
-              done: int | None) -> tuple[list[Task], list[Task], list[Task]]:
+def sort_lost(held: list[Task], record: tuple[int | None, int | None] | None
+              ) -> tuple[list[Task], list[Task], list[Task]]:
     """Sort the tasks a dead worker held (in the order it runs them) into
     ``(running, unreported, unstarted)``: the one it was running, those it finished
     without reporting, and those it never began, which may safely run elsewhere.
 
-    ``running`` and ``done`` are ids from the worker's state record. When there is no
-    record (a whole host vanished), the first held task counts as running.
+    ``record`` is ``(running, done)`` from the worker's state record: the id of the
+    task it was running, else of the last one it finished (None for none). A worker
+    may hold finished results back while it runs the next task (see worker.py), so
+    every held task before the running or last finished one ran: running those again
+    could run a task twice. A ``done`` task that is not held was reported, and so were
+    all before it. With no record at all (a whole host vanished), the first held task
+    counts as running.
     """
-    if running is None and done is None:
+    if record is None:
         return held[:1], [], held[1:]
-    ran: list[Task] = []
-    unreported: list[Task] = []
-    unstarted: list[Task] = []
-    # Tasks before `done` (in run order) finished but their results died with the worker.
-    past_done = done is None
-    for task in held:
-        if task.task_id == running:
-            ran.append(task)
-            past_done = True
-        elif not past_done:
-            unreported.append(task)
-            past_done = task.task_id == done
-        else:
-            unstarted.append(task)
-    return ran, unreported, unstarted
+    running, done = record
+    ids = [task.task_id for task in held]
+    if running is not None and running in ids:
+        at = ids.index(running)
+        return [held[at]], held[:at], held[at + 1 :]
+    if done is not None and done in ids:
+        at = ids.index(done) + 1
+        return [], held[:at], held[at:]
+    return [], [], list(held)

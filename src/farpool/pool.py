@@ -41,7 +41,7 @@ from typing import Any
 import zmq
 
 from . import protocol, serialize
-from .dispatch import Dispatcher, Task, WorkerSlot
+from .dispatch import Dispatcher, Task, WorkerSlot, sort_lost
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
 from .supervisor import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
@@ -850,29 +850,25 @@ class _PoolIO:
             self.spawn()
 
     def handle_lost(self, proc: WorkerProcess, code: int | None, held: list[Task]) -> None:
-        """Fail the task a dead worker was running; requeue the ones it never began."""
-        running, done = proc.running_and_done()
+        """Fail the task a dead worker was running (or retry it), and those it ran
+        without reporting; requeue the ones it never began, in their order."""
         how = describe_exit(code)
-        seen_done = done is None  # tasks before `done` in order finished unreported
-        for task in held:
-            if running is not None and task.task_id == running:
-                if task.attempts < self.retries:
-                    task.attempts += 1
-                    self.dispatcher.submit(task, front=True)
-                    continue
-                self.fail(task, WorkerLost(
-                    f"worker process {proc.pid} died with {how} while running task "
-                    f"{task.task_id} ({task.label})"))
-                seen_done = True
-            elif not seen_done:
-                self.fail(task, WorkerLost(
-                    f"worker process {proc.pid} died with {how} before it reported the "
-                    f"result of task {task.task_id} ({task.label})"))
-                if task.task_id == done:
-                    seen_done = True
-            else:
-                # Never started: it runs on another worker, invisibly to the caller.
-                self.dispatcher.submit(task, front=True)
+        ran, unreported, unstarted = sort_lost(held, proc.running_and_done())
+        for task in ran:
+            if task.attempts < self.retries:
+                task.attempts += 1
+                unstarted.insert(0, task)
+                continue
+            self.fail(task, WorkerLost(
+                f"worker process {proc.pid} died with {how} while running task "
+                f"{task.task_id} ({task.label})"))
+        for task in unreported:
+            self.fail(task, WorkerLost(
+                f"worker process {proc.pid} died with {how} before it reported the "
+                f"result of task {task.task_id} ({task.label})"))
+        # Never started: they run on another worker, invisibly to the caller.
+        for task in reversed(unstarted):
+            self.dispatcher.submit(task, front=True)
 
     def fail(self, task: Task, exc: BaseException) -> None:
         self.sink.fail(task, exc)

@@ -412,7 +412,7 @@ class Scheduler:
             return  # already gone (it said BYE), or not this supervisor's
         self.counters["workers_lost"] += 1
         self.lose_worker(worker, f"worker process {worker.info.get('pid')} on {peer.name} died "
-                                 f"with {how}", running, done)
+                                 f"with {how}", (running, done))
 
     def on_status(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         self.send(identity, protocol.encode(Kind.STATUS_REPLY, [self.status()]))
@@ -444,7 +444,7 @@ class Scheduler:
         if self.peers.get(peer.identity) is not peer:
             return
         if peer.role == "worker" and not orderly:
-            self.lose_worker(peer, f"worker process {peer.info.get('pid')} {why}", None, None)
+            self.lose_worker(peer, f"worker process {peer.info.get('pid')} {why}", None)
             return
         del self.peers[peer.identity]
         if peer.role == "client":
@@ -464,18 +464,20 @@ class Scheduler:
             for worker_id in list(peer.workers):
                 worker = self.peers.get(worker_id)
                 if worker is not None:
-                    self.lose_worker(worker, f"the worker host {peer.name} {why}", None, None)
+                    self.lose_worker(worker, f"the worker host {peer.name} {why}", None)
         log.info("%s %s left: %s", peer.role, peer.name, why)
 
-    def lose_worker(self, worker: Peer, how: str, running: int | None, done: int | None) -> None:
-        """A worker is gone without a goodbye: fail or retry what it ran, requeue the rest."""
+    def lose_worker(self, worker: Peer, how: str,
+                    record: tuple[int | None, int | None] | None) -> None:
+        """A worker is gone without a goodbye: fail or retry what it ran, requeue the rest.
+        ``record``: the worker's (running, done) state record, None if none came."""
         self.peers.pop(worker.identity, None)
         self.worker_fns.pop(worker.identity, None)
         owner = self.peers.get(worker.supervisor)
         if owner is not None:
             owner.workers.discard(worker.identity)
         held = self.dispatcher.remove_worker(worker.identity)
-        ran, unreported, unstarted = sort_lost(held, running, done)
+        ran, unreported, unstarted = sort_lost(held, record)
         failed = 0
         for task in ran:
             client = self.peers.get(task.context[0])
