@@ -357,7 +357,7 @@ class _PoolIO:
             idle.pop()
         except IndexError:
             return False  # no idle worker: add_threads may start one
-        if not self.io_lock.acquire(blocking=False):
+        if not self.io_lock.acquire(False):  # (positional: a keyword costs more here)
             idle.append(None)
             return False
         try:
