@@ -103,3 +103,85 @@ def test_thread_pool_runs_blocking_tasks_side_by_side_after_a_busy_spell():
         gate.set()
         assert all(f.result(timeout=10) for f in futs)
         assert running == 3, f"only {running} of 3 blocking tasks ran at once on 3 threads"
+
+
+class _SlowSecondInit:
+    """An initializer whose second call (the second thread's) takes a while."""
+
+    def __init__(self):
+        self.calls = 0
+        self.lock = threading.Lock()
+        self.second_done = threading.Event()
+
+    def __call__(self):
+        with self.lock:
+            self.calls += 1
+            second = self.calls == 2
+        if second:
+            time.sleep(0.2)
+            self.second_done.set()
+
+
+def test_a_task_cancelled_before_its_new_thread_started_leaves_that_thread_idle():
+    # As the stdlib's: a thread started for a task that was cancelled before the
+    # thread could take it counts as idle, so later submits use it instead of
+    # starting a third thread.
+    def run(cls):
+        gate = threading.Event()
+        init = _SlowSecondInit()
+        ex = cls(max_workers=3, initializer=init)
+        try:
+            first = ex.submit(gate.wait, 10)
+            second = ex.submit(identity, 2)  # starts a second thread, slow to come up
+            assert second.cancel()
+            assert init.second_done.wait(10)
+            time.sleep(0.2)  # the second thread takes the cancelled task and skips it
+            gate.set()
+            assert first.result(timeout=10) is True
+            time.sleep(0.2)  # the first thread counts itself idle again
+            hold = threading.Event()
+            later = [ex.submit(hold.wait, 10) for _ in range(2)]
+            count = len(ex._threads)  # threads start in submit: counted at once
+            hold.set()
+            assert all(f.result(timeout=10) for f in later)
+            return count
+        finally:
+            gate.set()
+            ex.shutdown()
+
+    assert run(cf.ThreadPoolExecutor) == run(farpool.ThreadPoolExecutor) == 2
+
+
+class _FailSecondInit(_SlowSecondInit):
+    def __call__(self):
+        with self.lock:
+            self.calls += 1
+            second = self.calls == 2
+        if second:
+            raise ValueError("no second thread")
+
+
+def test_a_failed_thread_initializer_lets_tasks_already_running_finish(monkeypatch):
+    # The stdlib fails only the work items still waiting when a thread's
+    # initializer fails: one already running on another thread returns its result.
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    for cls in (cf.ThreadPoolExecutor, farpool.ThreadPoolExecutor):
+        started = threading.Event()
+
+        def long_task(started=started):
+            started.set()
+            time.sleep(0.3)
+            return "finished"
+
+        ex = cls(max_workers=2, initializer=_FailSecondInit())
+        try:
+            running = ex.submit(long_task)
+            assert started.wait(10)
+            waiting = ex.submit(identity, 1)  # starts the second thread, whose init fails
+            with pytest.raises(cf.BrokenExecutor):
+                waiting.result(timeout=10)
+            assert running.result(timeout=10) == "finished", cls
+        finally:
+            ex.shutdown()
+    assert crashes == []  # no worker thread died of an exception

@@ -370,6 +370,10 @@ class _PoolIO:
                 idle.append(None)
                 return False
             self.send_shared(worker, [task])
+            # A HELLO from a thread started meanwhile may have lost its wake-up
+            # signal to the send (see may_have_input).
+            if self.may_have_input():
+                self.wake()
             return True
         finally:
             self.io_lock.release()
@@ -715,6 +719,9 @@ class _PoolIO:
             # running, so unlike FutureSink.start there is no running state to allow.
             if not future.set_running_or_notify_cancel():
                 self.unplace(worker, task)
+                # Count the worker idle again, as a stdlib thread does after a
+                # cancelled work item: else a thread started for it never would be.
+                self.idle.append(None)
                 continue
             calls[task.task_id] = (*task.fn_blob, future)
             entries.append([task.task_id, b"-", 0, 0])
@@ -878,17 +885,22 @@ class _PoolIO:
         if self.broken is not None:
             return
         self.broken = self.broken_type(message)
-        self.fail_pending(message)
+        # Thread workers go on and complete the futures of the tasks they hold, as
+        # the stdlib's threads finish their work items when its pool breaks: only
+        # what waits for a worker fails.
+        self.fail_pending(message, held=self.processes)
 
-    def fail_pending(self, message: str) -> None:
+    def fail_pending(self, message: str, held: bool = True) -> None:
+        """Fail queued tasks, and with ``held`` the tasks workers hold."""
         while self.inbox:
             self.fail(self.inbox.popleft(), self.broken_type(message))
         for client in list(self.dispatcher.queues):
             for task in self.dispatcher.drop_client(client):
                 self.fail(task, self.broken_type(message))
-        for worker_id in list(self.dispatcher.workers):
-            for task in self.dispatcher.remove_worker(worker_id):
-                self.fail(task, self.broken_type(message))
+        if held:
+            for worker_id in list(self.dispatcher.workers):
+                for task in self.dispatcher.remove_worker(worker_id):
+                    self.fail(task, self.broken_type(message))
 
     def cleanup(self) -> None:
         """Stop workers in order: ask, wait, terminate, kill; then free sockets."""

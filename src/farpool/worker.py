@@ -28,6 +28,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import InvalidStateError
 from importlib.machinery import ModuleSpec, SourceFileLoader
 from typing import Any
 
@@ -125,10 +126,13 @@ class SharedCalls:
     def finish(self) -> None:
         future, value, raised = self.outcome  # type: ignore[misc]
         self.outcome = None
-        if raised:
-            future.set_exception(value)
-        else:
-            future.set_result(value)
+        try:
+            if raised:
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+        except InvalidStateError:
+            pass  # the pool failed it already: it stopped while the task ran
         del future, value  # no cycle through a traceback
 
 
