@@ -370,9 +370,10 @@ class _PoolIO:
                 idle.append(None)
                 return False
             self.send_shared(worker, [task])
-            # A HELLO from a thread started meanwhile may have lost its wake-up
-            # signal to the send (see may_have_input).
-            if self.may_have_input():
+            # A thread started meanwhile (by another submit) may have said HELLO,
+            # and the send may have taken the router's signal for it: the I/O
+            # thread reads HELLOs (see may_have_input).
+            if self.hellos < len(self.threads):
                 self.wake()
             return True
         finally:
