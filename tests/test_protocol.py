@@ -120,6 +120,7 @@ def test_send_routed_delivers_one_frame_and_many_frames_whole():
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
     router.router_mandatory = True
+    router.rcvtimeo = 5000
     router.bind("inproc://protocol-send-routed")
     dealer = ctx.socket(zmq.DEALER)
     dealer.linger = 0

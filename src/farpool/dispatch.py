@@ -94,16 +94,12 @@ class Dispatcher:
         if self.queued:
             return None
         for worker in self.workers.values():
-            # credit(0), spelled out: this runs on every submit of a round trip.
-            if len(worker.held) < worker.slots and not worker.retiring:
-                left = worker.tasks_left
-                if left is None:
-                    worker.held[task.task_id] = task
-                    return worker
-                if left > 0:
-                    worker.held[task.task_id] = task
-                    worker.tasks_left = left - 1
-                    return worker
+            if (len(worker.held) < worker.slots and not worker.retiring
+                    and (worker.tasks_left is None or worker.tasks_left > 0)):
+                worker.held[task.task_id] = task
+                if worker.tasks_left is not None:
+                    worker.tasks_left -= 1
+                return worker
         return None
 
     def cancel(self, client: Hashable, task_ids: set[int]) -> list[Task]:

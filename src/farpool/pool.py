@@ -122,7 +122,7 @@ class FutureSink:
 
     def fail(self, task: Task, exc: BaseException) -> None:
         future = task.context
-        if type(future) is weakref.ref:  # a thread worker's task: see send_batch
+        if type(future) is weakref.ref:  # a thread worker's task: see send_shared
             future = future()
             if future is None:
                 return  # nobody holds it any more: nobody to tell

@@ -221,34 +221,23 @@ def _entries(body: list[Any], what: str) -> list[Any]:
 
 
 def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
-    if len(body) != 1 or type(body[0]) is not list:  # _entries, inlined
-        raise ProtocolError("TASKS body is not [[entries...]]")
     entries = []
     total = 0
-    for raw in body[0]:
+    for raw in _entries(body, "TASKS"):
         if type(raw) is not list or len(raw) != 4:
             raise ProtocolError(f"bad task entry {raw!r:.80}")
         task_id, fn_key, fn_frames, arg_frames = raw
-        if (type(task_id) is not int or task_id < 0 or type(fn_key) is not bytes
-                or not 0 < len(fn_key) <= 64 or type(fn_frames) is not int
-                or (fn_frames != 0 and fn_frames != 1)
-                or type(arg_frames) is not int or arg_frames < 0):
-            raise ProtocolError(_bad_task(raw))
+        if type(fn_key) is not bytes or not 0 < len(fn_key) <= 64:
+            raise ProtocolError("task fn_key is not 1..64 bytes")
+        if type(fn_frames) is not int or fn_frames not in (0, 1):
+            raise ProtocolError("task fn_frames is not 0 or 1")
+        if type(task_id) is not int or task_id < 0 or type(arg_frames) is not int or arg_frames < 0:
+            raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
         total += fn_frames + arg_frames
         entries.append(_new_tuple(TaskEntry, raw))
     if total != nframes:
         raise ProtocolError(f"TASKS header counts {total} frames, message has {nframes}")
     return [entries]
-
-
-def _bad_task(raw: list[Any]) -> str:
-    """What is wrong with a task entry that failed _check_tasks's test."""
-    task_id, fn_key, fn_frames, arg_frames = raw
-    if type(fn_key) is not bytes or not 0 < len(fn_key) <= 64:
-        return "task fn_key is not 1..64 bytes"
-    if type(fn_frames) is not int or fn_frames not in (0, 1):
-        return "task fn_frames is not 0 or 1"
-    return f"bad task id or frame count in {raw!r:.80}"
 
 
 def _check_results(body: list[Any], nframes: int) -> list[Any]:

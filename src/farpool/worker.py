@@ -113,7 +113,7 @@ class SharedCalls:
     def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
         return self.table.pop(entry.task_id)
 
-    def run(self, entry: TaskEntry, item: Any) -> tuple[int, list[Any]]:
+    def run(self, entry: TaskEntry, item: Any) -> tuple[int, tuple[()]]:
         fn, args, kwargs, future = item
         del item
         try:
