@@ -239,7 +239,7 @@ def test_workers_are_fresh_interpreters(pool):
     worker = pool.submit(pid_of_worker).result(timeout=30)
     with open(f"/proc/{worker}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
-    assert b"farpool.worker" in argv, argv
+    assert b"farpool.worker_loop" in argv, argv
 
 
 def test_remote_traceback_of_a_lambda_names_its_file_and_line(pool):

@@ -14,7 +14,7 @@ import zmq
 import farpool
 from farpool import protocol, serialize
 from farpool.protocol import Kind
-from farpool.worker import PickledCalls, WorkerLoop
+from farpool.worker_loop import PickledCalls, WorkerLoop
 
 LIMIT = 10
 TABLE = {"a": 1}

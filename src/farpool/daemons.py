@@ -82,7 +82,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from .node import Node
+    from .worker_daemon import Node
 
     _setup_logging()
     try:
@@ -98,7 +98,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_cluster(args: argparse.Namespace) -> int:
     """A scheduler (in a thread) and a worker supervisor, both in this process."""
-    from .node import Node
+    from .worker_daemon import Node
 
     _setup_logging()
     try:

@@ -44,9 +44,9 @@ from . import protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot, sort_lost
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
-from .supervisor import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
+from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
 from .wakeup import WakePipe
-from .worker import SharedCalls, WorkerLoop, hello, run_initializer
+from .worker_loop import SharedCalls, WorkerLoop, hello, run_initializer
 
 # Consecutive workers dying before their first HELLO that break the pool (a broken
 # environment would otherwise respawn forever).

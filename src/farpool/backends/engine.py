@@ -103,7 +103,7 @@ def ensure_initialized(spec: InitSpec) -> None:
 
 
 def _run_initializer(blob: bytes) -> str | None:
-    from ..worker import run_initializer
+    from ..worker_loop import run_initializer
 
     try:
         initializer, initargs = pickle.loads(blob)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import serialize
 from ..errors import ProcessPoolBroken, unpickling_failed
-from ..worker import run_initializer
+from ..worker_loop import run_initializer
 
 
 class InlineBackend:

@@ -1,6 +1,6 @@
 """Starting local worker processes and telling how they ended.
 
-Each worker is a fresh interpreter (``python -c BOOT farpool.worker``, see
+Each worker is a fresh interpreter (``python -c BOOT farpool.worker_loop``, see
 ``worker.boot``), started by fork+exec with nothing of ours inherited but one end
 of a socket pair:
 
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .worker import STATE
+from .worker_loop import STATE
 
 # A worker imports the few farpool modules it uses, not the package's __init__ (which
 # imports the whole client): this line registers the package bare, and worker.boot
@@ -33,7 +33,7 @@ from .worker import STATE
 # argument names the process in ps.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _BOOT = ("import sys, types; p = types.ModuleType('farpool'); p.__path__ = [{!r}]; "
-         "sys.modules['farpool'] = p; import farpool.worker as w; sys.exit(w.boot())")
+         "sys.modules['farpool'] = p; import farpool.worker_loop as w; sys.exit(w.boot())")
 
 
 @dataclass(eq=False)
@@ -189,7 +189,7 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
     }
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT.format(_PACKAGE_DIR), "farpool.worker"],
+            [sys.executable, "-c", _BOOT.format(_PACKAGE_DIR), "farpool.worker_loop"],
             stdin=subprocess.PIPE,
             pass_fds=(theirs.fileno(), *inherit_fds),
             close_fds=True,

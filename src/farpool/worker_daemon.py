@@ -1,7 +1,7 @@
 """The ``farpool worker`` daemon: keeps N worker processes attached to a scheduler.
 
 The supervisor itself runs no tasks. Its worker processes (``python -m
-farpool.worker``, the same loop as the local backend's) connect to the scheduler
+farpool.worker_loop``, the same loop as the local backend's) connect to the scheduler
 directly, so a task crosses no extra hop; the supervisor::
 
     scheduler  <--HELLO, HEARTBEAT, LOST, BYE--  supervisor (this module)
@@ -36,7 +36,7 @@ import zmq
 from . import protocol
 from .protocol import Kind
 from .scheduler import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, RECONNECT
-from .supervisor import WorkerProcess, describe_exit, spawn_worker
+from .spawn import WorkerProcess, describe_exit, spawn_worker
 
 log = logging.getLogger("farpool.worker")
 

@@ -10,7 +10,7 @@ Results of short tasks are sent in batches (at most ``HOLD_SECONDS`` late); a re
 never waits behind a task that runs longer than that.
 
 A worker process is started by ``supervisor.spawn_worker`` (see ``boot``; ``python
--m farpool.worker`` works too) with its configuration pickled on stdin, and a control
+-m farpool.worker_loop`` works too) with its configuration pickled on stdin, and a control
 socket inherited from its parent: when the parent dies the socket closes and the
 worker exits, even in the middle of a task.
 """
