@@ -40,8 +40,8 @@ import zmq
 
 from . import protocol
 from .dispatch import Dispatcher, Task, sort_lost
+from .fncache import FN_CACHE_SIZE, SentFunctions
 from .protocol import Kind, Status
-from .serialize import FN_CACHE_SIZE, SentFunctions
 
 log = logging.getLogger("farpool.scheduler")
 

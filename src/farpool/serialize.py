@@ -32,11 +32,10 @@ from typing import Any
 
 import cloudpickle
 
+from .fncache import FN_CACHE_SIZE, SentFunctions  # noqa: F401 - re-exported for senders
+
 # Buffers below this size are cheaper inside the pickle stream than as a frame.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
-# How many distinct functions a worker keeps unpickled. Sender and receiver use the
-# same size and the same access order, so they agree on what is cached.
-FN_CACHE_SIZE = 256
 # Buffers above CHUNK_MIN_BYTES travel as CHUNK_BYTES frames (see the module docstring).
 CHUNK_BYTES = 4 << 20
 CHUNK_MIN_BYTES = 2 * CHUNK_BYTES
@@ -334,24 +333,6 @@ class FunctionCache:
         if isinstance(fn, _Unloadable):
             raise fn.error
         return fn
-
-
-class SentFunctions:
-    """The sender's mirror of one receiver's ``FunctionCache``."""
-
-    def __init__(self, capacity: int = FN_CACHE_SIZE) -> None:
-        self._keys: OrderedDict[bytes, None] = OrderedDict()
-        self._capacity = capacity
-
-    def needs(self, key: bytes) -> bool:
-        """Record a use of ``key``; True if its blob must be sent along."""
-        if key in self._keys:
-            self._keys.move_to_end(key)
-            return False
-        self._keys[key] = None
-        if len(self._keys) > self._capacity:
-            self._keys.popitem(last=False)
-        return True
 
 
 class _Unloadable:
