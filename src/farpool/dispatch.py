@@ -39,6 +39,9 @@ class Task:
     client: Hashable = b""
     label: str = ""
     attempts: int = 0
+    # Handed to a worker before (then requeued, its worker lost): its future is
+    # running already, and must not be set running twice.
+    sent: bool = False
     # Opaque for the dispatcher; the I/O loop keeps what it needs here.
     context: Any = None
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -54,6 +54,7 @@ MAX_START_FAILURES = 3
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
 _TASKS = Kind.TASKS  # a module global: cheaper to read than the enum's attribute
+log = logging.getLogger("farpool.pool")
 
 _live_pools: weakref.WeakSet[_PoolIO] = weakref.WeakSet()
 _exiting = False
@@ -100,10 +101,12 @@ class FutureSink:
 
     def start(self, task: Task) -> bool:
         future = task.context
-        try:
-            return future.set_running_or_notify_cancel()
-        except RuntimeError:  # a task requeued after its worker died is running already
+        if task.sent:
+            # Requeued after its worker died: running already. Setting it running again
+            # would make concurrent.futures log "in unexpected state" at CRITICAL.
             return future.running()
+        task.sent = True
+        return future.set_running_or_notify_cancel()
 
     def result(self, task: Task, entry: protocol.ResultEntry, payload: list[Any]) -> None:
         if not self.pickled:
@@ -209,7 +212,7 @@ class LocalPool:
         broken = self._io.broken
         if broken is not None:
             raise self.broken_type(str(broken))
-        return Task(next(self._ids), b"-", (fn, args, kwargs), [], b"", _label(fn), 0, future)
+        return Task(next(self._ids), b"-", (fn, args, kwargs), [], b"", _label(fn), 0, False, future)
 
     def _make_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
                    fn_pickle: Any) -> Task | None:
@@ -572,7 +575,7 @@ class _PoolIO:
             try:
                 msg = protocol.decode(frames[1:])
             except protocol.ProtocolError as exc:
-                print(f"farpool: dropped a malformed message from a worker: {exc}", file=sys.stderr)
+                log.warning("dropped a malformed message from a worker: %s", exc)
                 continue
             if caller and msg.kind is not Kind.HELLO:
                 if msg.kind in self.handlers:
@@ -749,7 +752,8 @@ class _PoolIO:
         try:
             protocol.send_routed(self.router, worker.worker_id, msg)
         except zmq.ZMQError as exc:  # the peer is gone: its death notice follows
-            print(f"farpool: could not send to worker {worker.worker_id!r}: {exc}", file=sys.stderr)
+            # An ordinary heal, not news: the worker's death fails or requeues its tasks.
+            log.debug("could not send to worker %r: %s", worker.worker_id, exc)
 
     # -- workers -------------------------------------------------------------------
     def spawn(self) -> None:
