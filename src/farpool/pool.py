@@ -11,7 +11,7 @@ Data flow::
                                    ROUTER ---------------------------->  DEALER
                                    ROUTER <----------------------------  WorkerLoop
     future.result() <-- set_result     RESULTS batch
-                                   control socket EOF  <--------------  process died
+                                   pidfd readable      <--------------  process died
 
 Processes use ``ipc://`` in a private (0700) directory; thread workers use
 ``inproc://`` and get their calls by reference, completing futures themselves.
@@ -764,7 +764,7 @@ class _PoolIO:
                             max_tasks=self.max_tasks, init_blob=self.init_blob,
                             inherit_fds=self.init_fds)
         self.procs[worker_id] = proc
-        self.poller.register(proc.control, zmq.POLLIN)
+        self.poller.register(proc.fileno(), zmq.POLLIN)
 
     def spawn_thread(self) -> None:
         """Start a thread worker (with ``grow_lock`` held)."""
@@ -833,12 +833,13 @@ class _PoolIO:
         proc = next((p for p in self.procs.values() if p.fileno() == fd), None)
         if proc is None:
             return
-        try:
-            if proc.control.recv(64):
-                return  # not a death: the worker never writes, but be tolerant
-        except OSError:
-            pass
-        self.poller.unregister(proc.control)
+        if proc.pidfd < 0:  # woken by the control socket, not by the process's exit
+            try:
+                if proc.control.recv(64):
+                    return  # not a death: the worker never writes, but be tolerant
+            except OSError:
+                pass
+        self.poller.unregister(proc.fileno())
         del self.procs[proc.worker_id]
         code = proc.reap()
         held = self.dispatcher.remove_worker(proc.worker_id)

@@ -46,13 +46,18 @@ class WorkerProcess:
     started: float = field(default_factory=time.monotonic)
     said_hello: bool = False
     said_bye: str = ""
+    # Readable once the process itself has exited (Linux's pidfd). The control socket's
+    # end-of-file is not enough: a child the task forked inherits the worker's end and
+    # keeps it open for as long as it lives. -1 where the OS has no pidfd.
+    pidfd: int = -1
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def fileno(self) -> int:
-        return self.control.fileno()
+        """What to poll for this process's death."""
+        return self.pidfd if self.pidfd >= 0 else self.control.fileno()
 
     def running_and_done(self) -> tuple[int | None, int | None]:
         """Task ids (running, last finished) from the shared state; None if none."""
@@ -75,6 +80,9 @@ class WorkerProcess:
                 self.reap(5.0)
 
     def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         self.control.close()
         self.state.close()
         try:
@@ -202,4 +210,16 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         proc.stdin.close()
     except BrokenPipeError:
         pass  # died at once; its control socket reports that
-    return WorkerProcess(worker_id, proc, ours, state, state_path)
+    return WorkerProcess(worker_id, proc, ours, state, state_path, pidfd=_open_pidfd(proc.pid))
+
+
+def _open_pidfd(pid: int) -> int:
+    """A pidfd for ``pid``, or -1 where the OS cannot give one (then the control
+    socket's end-of-file tells of the death)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return -1
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return -1

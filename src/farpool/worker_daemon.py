@@ -5,8 +5,8 @@ farpool.worker_loop``, the same loop as the local backend's) connect to the sche
 directly, so a task crosses no extra hop; the supervisor::
 
     scheduler  <--HELLO, HEARTBEAT, LOST, BYE--  supervisor (this module)
-        ^                                            |  spawn, watch (control socket
-        +-------TASKS / RESULTS------  worker processes   EOF = death), respawn
+        ^                                            |  spawn, watch (pidfd: process
+        +-------TASKS / RESULTS------  worker processes   exit = death), respawn
 
 - tells the scheduler at once when a worker process dies (LOST, with which task it
   was running, read from the worker's state record), and starts another;
@@ -210,14 +210,14 @@ class Node:
         proc = spawn_worker(worker_id, self.address, self.runtime_dir, max_tasks=self.max_tasks,
                             init_blob=_NO_INITIALIZER, extra=self.worker_config)
         self.procs[worker_id] = proc
-        self.poller.register(proc.control, zmq.POLLIN)
+        self.poller.register(proc.fileno(), zmq.POLLIN)
 
     def on_death(self, control: Any) -> None:
         fd = control if isinstance(control, int) else control.fileno()
         proc = next((p for p in self.procs.values() if p.fileno() == fd), None)
         if proc is None:
             return
-        self.poller.unregister(proc.control)
+        self.poller.unregister(proc.fileno())
         del self.procs[proc.worker_id]
         code = proc.reap()
         running, done = proc.running_and_done()
@@ -240,7 +240,7 @@ class Node:
     def stop_all(self, *, report: bool) -> None:
         """End every worker process now (closing its control socket makes it exit)."""
         for proc in list(self.procs.values()):
-            self.poller.unregister(proc.control)
+            self.poller.unregister(proc.fileno())
             proc.control.close()
         deadline = time.monotonic() + 2.0
         for worker_id, proc in list(self.procs.items()):
