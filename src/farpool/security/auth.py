@@ -354,12 +354,16 @@ class Authenticator:
             log.exception("ZAP request could not be decided; refusing it")
             verdict = _refusal("internal error")
         request_id = frames[1] if len(frames) > 1 else b""
-        zap.send_multipart([_ZAP_VERSION, request_id, verdict.status, verdict.text, verdict.user_id, b""])
+        # Counted before the reply: once the reply is out, the peer's first message can
+        # arrive (and a reader of the counts look) before this thread runs again.
         if verdict.allowed:
             self.accepted += 1
+        else:
+            self.refused += 1
+        zap.send_multipart([_ZAP_VERSION, request_id, verdict.status, verdict.text, verdict.user_id, b""])
+        if verdict.allowed:
             log.debug("ZAP %s", verdict.detail)
             return
-        self.refused += 1
         # Throttled: a peer hammering the port must not flood the log.
         now = time.monotonic()
         if now - self._last_logged < 1.0:
