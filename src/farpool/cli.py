@@ -49,7 +49,8 @@ def _probably_prime(n: int) -> bool:
 
 
 def _next_primes(start: int, count: int) -> list[int]:
-    found, n = [], start | 1
+    found: list[int] = []
+    n = start | 1
     while len(found) < count:
         if _probably_prime(n):
             found.append(n)

@@ -22,9 +22,10 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .backends import open_backend
+from .backends.base import LocalBackend
 
 __all__ = ["Executor", "ProcessPoolExecutor", "ThreadPoolExecutor", "DEFAULT_ADDRESS"]
 
@@ -225,7 +226,7 @@ class ProcessPoolExecutor(Executor):
     # The stdlib pools' private attributes that code and tests read most.
     @property
     def _max_workers(self) -> int:
-        return self._backend.max_workers
+        return cast(LocalBackend, self._backend).max_workers
 
     @property
     def _mp_context(self) -> Any:
@@ -253,9 +254,9 @@ class ThreadPoolExecutor(Executor):
     # The stdlib pool's private attributes that code and tests read most.
     @property
     def _max_workers(self) -> int:
-        return self._backend.max_workers
+        return cast(LocalBackend, self._backend).max_workers
 
     @property
     def _threads(self) -> set[threading.Thread]:
         """The worker threads started so far."""
-        return self._backend.worker_threads()
+        return cast(LocalBackend, self._backend).worker_threads()

@@ -141,7 +141,8 @@ def pickle_initializer(initializer: Any, initargs: tuple[Any, ...]) -> tuple[byt
 
     spawning = _Spawning()
     buf = io.BytesIO()
-    context.set_spawning_popen(spawning)
+    # A stand-in for the Popen, which collects the fds the pickling hands it.
+    context.set_spawning_popen(spawning)  # type: ignore[arg-type]
     try:
         Pickler(buf, protocol=5).dump((initializer, initargs))
     finally:

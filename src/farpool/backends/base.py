@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Future
+from threading import Thread
 from typing import Any, Protocol
 
 
@@ -26,3 +27,16 @@ class Backend(Protocol):
                     calls: Iterable[tuple[Any, ...]]) -> list[Future]: ...
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...
+
+
+class LocalBackend(Backend, Protocol):
+    """A backend of local workers: what the stdlib drop-ins also read from it."""
+
+    @property
+    def max_workers(self) -> int:
+        """How many workers the pool runs at most."""
+        ...
+
+    def worker_threads(self) -> set[Thread]:
+        """The worker threads started so far (empty for worker processes)."""
+        ...

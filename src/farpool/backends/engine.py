@@ -98,7 +98,7 @@ def ensure_initialized(spec: InitSpec) -> None:
             if state is _MISSING:
                 state = _run_initializer(spec.blob)
                 _initialized[spec.token] = state
-    if state is not None:
+    if isinstance(state, str):
         raise InitializerFailed(state)
 
 
@@ -268,7 +268,8 @@ class EngineBackend:
             # Under the future's lock, a callback added meanwhile waits, then finds
             # the future done and runs in the thread that adds it.
             with future._condition:
-                if future._done_callbacks != [self._on_future_done]:
+                # A private list of the stdlib's Future, read under its lock.
+                if future._done_callbacks != [self._on_future_done]:  # type: ignore[attr-defined]
                     return False
                 if self._pending.pop(future, _MISSING) is _MISSING:
                     return True  # cancelled by the user, or failed when the executor broke
