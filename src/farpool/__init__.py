@@ -11,6 +11,7 @@ from .client import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from .errors import (
     BackendUnavailable,
     FarpoolError,
+    InitializerFailed,
     ProcessPoolBroken,
     ProtocolError,
     SchedulerLost,
@@ -27,6 +28,7 @@ __all__ = [
     "BackendUnavailable",
     "Executor",
     "FarpoolError",
+    "InitializerFailed",
     "ProcessPoolBroken",
     "ProcessPoolExecutor",
     "ProtocolError",

@@ -7,6 +7,7 @@ stdlib's, so ``except BrokenExecutor`` (or ``BrokenProcessPool``) keeps working:
      └── FarpoolError                       every error farpool raises itself
           ├── WorkerLost                    (+ BrokenProcessPool) a worker died under a task
           ├── ProcessPoolBroken             (+ BrokenProcessPool) the pool cannot run tasks
+          │    └── InitializerFailed        the executor's initializer raised on a worker
           ├── ThreadPoolBroken              (+ BrokenThreadPool)  the pool cannot run tasks
           ├── UnpicklingFailed              (+ BrokenProcessPool) a task's payload did not unpickle
           ├── SchedulerLost                 (+ BrokenExecutor) the scheduler went away
@@ -32,6 +33,7 @@ from ._errors import FarpoolError, ProtocolError, VersionMismatch
 __all__ = [
     "BackendUnavailable",
     "FarpoolError",
+    "InitializerFailed",
     "ProcessPoolBroken",
     "ProtocolError",
     "RemoteTraceback",
@@ -53,6 +55,21 @@ class WorkerLost(FarpoolError, BrokenProcessPool):
 
 class ProcessPoolBroken(FarpoolError, BrokenProcessPool):
     """The pool can no longer run tasks (for example, a worker initializer failed)."""
+
+
+class InitializerFailed(ProcessPoolBroken):
+    """The executor's initializer raised on a worker (any backend that runs workers
+    elsewhere): the executor is broken, as a stdlib pool is when its initializer fails.
+
+    ``tb`` is the worker's formatted error, which the message carries.
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"the executor's initializer failed on a worker:\n{self.tb}"
 
 
 class ThreadPoolBroken(FarpoolError, BrokenThreadPool):

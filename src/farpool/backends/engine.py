@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from ..errors import FarpoolError, ProcessPoolBroken, RemoteTraceback
+from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
 
 __all__ = ["EngineBackend", "InitSpec", "InitializerFailed", "SubmitFailed", "call_initialized",
            "ensure_initialized", "remote_traceback", "unwrap_pickling_error"]
@@ -63,17 +63,6 @@ class InitSpec(NamedTuple):
         import cloudpickle  # a farpool dependency; imported late to keep workers light
 
         return cls(uuid.uuid4().hex, cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
-
-
-class InitializerFailed(FarpoolError):
-    """Raised by a task whose worker's initializer failed; the client breaks the pool."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return f"the worker initializer failed:\n{self.tb}"
 
 
 class SubmitFailed(NamedTuple):

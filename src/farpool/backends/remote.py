@@ -41,7 +41,7 @@ import zmq
 
 from .. import protocol, serialize
 from ..errors import (
-    ProcessPoolBroken,
+    InitializerFailed,
     ProtocolError,
     SchedulerLost,
     SecurityError,
@@ -58,11 +58,6 @@ log = logging.getLogger("farpool.remote")
 DEFAULT_HEARTBEAT = 1.0
 LIVENESS = 5  # missed heartbeats before the scheduler counts as gone
 MAX_BATCH = 1000  # tasks per TASKS message
-
-
-class InitializerFailed(ProcessPoolBroken):
-    """The executor's initializer raised on a worker: the executor is broken, as a
-    stdlib pool is when its initializer fails."""
 
 
 _initialized: set[bytes] = set()  # in a worker process: initializers already run
@@ -90,9 +85,7 @@ class _Initialized:
                 initializer, initargs = pickle.loads(self.init_blob)
                 initializer(*initargs)
             except BaseException as exc:  # noqa: BLE001 - breaks the executor, like the stdlib
-                raise InitializerFailed(
-                    f"the executor's initializer failed on a worker: {exc!r}\n{traceback.format_exc()}"
-                ) from None
+                raise InitializerFailed(f"{exc!r}\n{traceback.format_exc()}") from None
             _initialized.add(self.init_key)
         if self._fn is None:
             self._fn = pickle.loads(self.fn_blob)
