@@ -15,6 +15,7 @@ from farpool.dispatch import (
     Dispatcher,
     Task,
     WorkerSlot,
+    plan_loss,
     sort_lost,
 )
 
@@ -540,3 +541,56 @@ def test_sort_lost_requeues_everything_when_the_last_done_task_was_already_repor
     # Task 1's result came back (so it is no longer held) and the worker died before
     # it began task 2: tasks 2 and 3 run elsewhere, the caller sees nothing.
     assert lost([2, 3], running=None, done=1) == ([], [], [2, 3])
+
+
+# -- plan_loss: what a lost worker means, for the local pool and the scheduler alike --
+def plan(held_ids, record, retries=0):
+    held = [task(i) for i in held_ids]
+    result = plan_loss(held, record, lambda _task: retries)
+    return ids(result.failed_running), ids(result.failed_unreported), ids(result.requeue)
+
+
+def test_a_lost_workers_running_task_fails_when_no_retry_is_allowed():
+    assert plan([1], (1, None)) == ([1], [], [])
+
+
+def test_a_lost_workers_running_task_is_retried_first_and_its_attempts_counted():
+    held = [task(1), task(2)]
+    result = plan_loss(held, (1, None), lambda _task: 1)
+    assert ids(result.requeue) == [1, 2] and not result.failed_running
+    assert held[0].attempts == 1 and held[1].attempts == 0
+
+
+def test_a_lost_workers_retries_used_up_fail_the_task():
+    lost = task(1)
+    lost.attempts = 2
+    result = plan_loss([lost, task(2)], (1, None), lambda _task: 2)
+    assert ids(result.failed_running) == [1] and ids(result.requeue) == [2]
+    assert lost.attempts == 2  # not counted past the limit
+
+
+def test_results_held_back_in_a_batch_fail_as_unreported_never_run_twice():
+    # Ran 1 and 2 (results held back for batching), died running 3; 4 never began.
+    assert plan([1, 2, 3, 4], (3, 2), retries=5) == ([], [1, 2], [3, 4])
+
+
+def test_prefetched_tasks_of_a_lost_worker_requeue_in_their_order():
+    assert plan([1, 2, 3, 4], (1, None)) == ([1], [], [2, 3, 4])
+
+
+def test_a_vanished_host_without_record_counts_its_first_task_as_running():
+    assert plan([5, 6], None) == ([5], [], [6])
+
+
+def test_retries_are_asked_per_task():
+    held = [task(1, client=b"a"), task(2, client=b"b")]
+    result = plan_loss(held, (1, None), lambda t: {b"a": 0, b"b": 3}[t.client])
+    assert ids(result.failed_running) == [1] and ids(result.requeue) == [2]
+
+
+def test_requeue_puts_a_lost_workers_tasks_ahead_of_the_queue_in_order():
+    dispatcher = Dispatcher()
+    dispatcher.submit(task(9))
+    dispatcher.requeue([task(1), task(2)])
+    dispatcher.add_worker(b"w", slots=3)
+    assert batches(dispatcher) == {b"w": [1, 2, 9]}

@@ -15,7 +15,7 @@ client's 100,000-task map does not starve another client's single task.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ class Task:
     fn_key: bytes
     fn_blob: Any
     frames: list[Any]
-    client: Hashable = b""
+    client: bytes = b""
     label: str = ""
     attempts: int = 0
     # Handed to a worker before (then requeued, its worker lost): its future is
@@ -50,7 +50,7 @@ class Task:
 class WorkerSlot:
     """What the dispatcher knows of one worker."""
 
-    worker_id: Hashable
+    worker_id: bytes
     slots: int
     tasks_left: int | None = None  # max_tasks_per_child budget, None for unlimited
     # Tasks sent and not yet answered, in the order the worker runs them (a dict
@@ -72,8 +72,8 @@ class Dispatcher:
     """Queues per client, workers with credit, and the tasks each worker holds."""
 
     def __init__(self) -> None:
-        self.queues: OrderedDict[Hashable, deque[Task]] = OrderedDict()
-        self.workers: OrderedDict[Hashable, WorkerSlot] = OrderedDict()
+        self.queues: OrderedDict[bytes, deque[Task]] = OrderedDict()
+        self.workers: OrderedDict[bytes, WorkerSlot] = OrderedDict()
         # Moving average of run time per function (fn_key). Forgotten all at once when
         # full: rare, and cheaper on every task than keeping it in LRU order.
         self.fn_seconds: dict[bytes, float] = {}
@@ -81,6 +81,12 @@ class Dispatcher:
         self.done = 0
 
     # -- tasks ---------------------------------------------------------------------
+    def requeue(self, tasks: list[Task]) -> None:
+        """Put ``tasks`` back at the head of their queues, keeping their order (a lost
+        worker's tasks: they were submitted before anything still queued)."""
+        for task in reversed(tasks):
+            self.submit(task, front=True)
+
     def submit(self, task: Task, *, front: bool = False) -> None:
         queue = self.queues.get(task.client)
         if queue is None:
@@ -105,12 +111,13 @@ class Dispatcher:
                 return worker
         return None
 
-    def cancel(self, client: Hashable, task_ids: set[int]) -> list[Task]:
+    def cancel(self, client: bytes, task_ids: set[int]) -> list[Task]:
         """Drop queued tasks (not ones a worker holds); returns those dropped."""
         queue = self.queues.get(client)
         if not queue:
             return []
-        kept, dropped = deque(), []
+        kept: deque[Task] = deque()
+        dropped: list[Task] = []
         for task in queue:
             (dropped if task.task_id in task_ids else kept).append(task)
         if kept:
@@ -120,13 +127,13 @@ class Dispatcher:
         self.queued -= len(dropped)
         return dropped
 
-    def drop_client(self, client: Hashable) -> list[Task]:
+    def drop_client(self, client: bytes) -> list[Task]:
         """Forget a client's queued tasks (the client went away)."""
         queue = self.queues.pop(client, deque())
         self.queued -= len(queue)
         return list(queue)
 
-    def finished(self, worker_id: Hashable, task_id: int, seconds: float) -> Task | None:
+    def finished(self, worker_id: bytes, task_id: int, seconds: float) -> Task | None:
         """A worker answered a task. Returns it, or None if the worker did not hold it."""
         worker = self.workers.get(worker_id)
         if worker is None:
@@ -149,13 +156,13 @@ class Dispatcher:
         return task
 
     # -- workers -------------------------------------------------------------------
-    def add_worker(self, worker_id: Hashable, slots: int = 1, *, max_tasks: int | None = None,
+    def add_worker(self, worker_id: bytes, slots: int = 1, *, max_tasks: int | None = None,
                    info: dict[str, Any] | None = None) -> WorkerSlot:
         slot = WorkerSlot(worker_id, max(1, slots), max_tasks, info=info or {})
         self.workers[worker_id] = slot
         return slot
 
-    def remove_worker(self, worker_id: Hashable) -> list[Task]:
+    def remove_worker(self, worker_id: bytes) -> list[Task]:
         """Forget a worker; returns the tasks it held, oldest first."""
         worker = self.workers.pop(worker_id, None)
         return list(worker.held.values()) if worker else []
@@ -251,3 +258,31 @@ def sort_lost(held: list[Task], record: tuple[int | None, int | None] | None
         at = ids.index(done) + 1
         return [], held[:at], held[at:]
     return [], [], list(held)
+
+
+@dataclass
+class LossPlan:
+    """What a dead worker's tasks become (see ``plan_loss``)."""
+
+    failed_running: list[Task]  # it was running them: they fail with the loss
+    failed_unreported: list[Task]  # they ran, their results died with the worker
+    requeue: list[Task]  # to run elsewhere, in this order, ahead of the queue
+
+
+def plan_loss(held: list[Task], record: tuple[int | None, int | None] | None,
+              retries_for: Callable[[Task], int]) -> LossPlan:
+    """Decide what a lost worker means, the same for the local pool and the scheduler:
+    the task it was running is retried (``attempts`` counts up, it runs first) while
+    ``retries_for(task)`` allows, else it fails; tasks it finished without reporting
+    fail (running them again could run them twice); tasks it never began requeue in
+    their order. The caller words the errors and sends nothing of its own choosing."""
+    running, unreported, unstarted = sort_lost(held, record)
+    failed: list[Task] = []
+    retried: list[Task] = []
+    for task in running:
+        if task.attempts < retries_for(task):
+            task.attempts += 1
+            retried.append(task)
+        else:
+            failed.append(task)
+    return LossPlan(failed, unreported, retried + unstarted)

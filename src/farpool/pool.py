@@ -41,7 +41,7 @@ from typing import Any
 import zmq
 
 from . import protocol, serialize
-from .dispatch import Dispatcher, Task, WorkerSlot, sort_lost
+from .dispatch import Dispatcher, Task, WorkerSlot, plan_loss
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
 from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
@@ -177,14 +177,14 @@ class LocalPool:
                 io.add_threads(1)
                 io.post([task])
             return future
-        task = self._make_task(fn, args, kwargs, future, None)
-        if task is not None:
-            io.post([task])
+        made = self._make_task(fn, args, kwargs, future, None)
+        if made is not None:
+            io.post([made])
         return future
 
     def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
         """Submit ``fn(*args)`` for each args; the function is pickled once."""
-        fn_pickle = None
+        fn_pickle: Any = None  # the function's frames, or why it did not pickle
         if self.processes:
             try:
                 with self._pickle_lock:
@@ -261,6 +261,8 @@ class _PoolIO:
         self.processes = processes
         # Before any pipe, socket or thread exists: initargs that do not pickle fail
         # the constructor without leaving anything behind.
+        self.init_blob: bytes | None
+        self.init_fds: tuple[int, ...]
         self.init_blob, self.init_fds = (pickle_initializer(initializer, initargs)
                                          if processes else (None, ()))
         # Outcomes go to futures here; a worker daemon relays them upstream instead.
@@ -319,7 +321,7 @@ class _PoolIO:
         self.io_lock = threading.Lock()
         self.outcomes: list[tuple[Task, protocol.ResultEntry, list[Any]]] = []  # see deliver
         self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
-        self.router_fd: int = self.router.get(zmq.FD)
+        self.router_fd = int(self.router.get(zmq.FD))
 
     # -- caller side ---------------------------------------------------------------
     def start(self) -> None:
@@ -866,22 +868,17 @@ class _PoolIO:
         """Fail the task a dead worker was running (or retry it), and those it ran
         without reporting; requeue the ones it never began, in their order."""
         how = describe_exit(code)
-        ran, unreported, unstarted = sort_lost(held, proc.running_and_done())
-        for task in ran:
-            if task.attempts < self.retries:
-                task.attempts += 1
-                unstarted.insert(0, task)
-                continue
+        plan = plan_loss(held, proc.running_and_done(), lambda _task: self.retries)
+        for task in plan.failed_running:
             self.fail(task, WorkerLost(
                 f"worker process {proc.pid} died with {how} while running task "
                 f"{task.task_id} ({task.label})"))
-        for task in unreported:
+        for task in plan.failed_unreported:
             self.fail(task, WorkerLost(
                 f"worker process {proc.pid} died with {how} before it reported the "
                 f"result of task {task.task_id} ({task.label})"))
-        # Never started: they run on another worker, invisibly to the caller.
-        for task in reversed(unstarted):
-            self.dispatcher.submit(task, front=True)
+        # Never started (or retried): they run on another worker, invisibly to the caller.
+        self.dispatcher.requeue(plan.requeue)
 
     def fail(self, task: Task, exc: BaseException) -> None:
         self.sink.fail(task, exc)

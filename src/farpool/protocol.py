@@ -123,7 +123,7 @@ _POLLIN = int(zmq.POLLIN)
 
 def readable(sock: zmq.Socket) -> bool:
     """Whether a whole message is waiting (cheaper than a NOBLOCK recv raising Again)."""
-    return bool(sock.get(_EVENTS) & _POLLIN)
+    return bool(sock.get(_EVENTS) & _POLLIN)  # type: ignore[operator]  # an int for EVENTS
 
 
 # Below this, copying a bytes frame into the message costs less than wrapping it

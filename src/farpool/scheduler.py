@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .dispatch import Dispatcher, Task, sort_lost
+from .dispatch import Dispatcher, Task, plan_loss
 from .fncache import FN_CACHE_SIZE, SentFunctions
 from .protocol import Kind, Status
 
@@ -154,7 +154,7 @@ class Scheduler:
         except BaseException:
             self.close()
             raise
-        self.address = router.last_endpoint.decode()
+        self.address = str(router.get_string(zmq.LAST_ENDPOINT))
         if self.address.startswith("tcp://0.0.0.0:"):
             self.address = self.address.replace("0.0.0.0", socket.gethostname(), 1)
         self.handlers = {
@@ -453,9 +453,7 @@ class Scheduler:
             peer.epoch += 1
         elif peer.role == "worker":
             # A worker saying BYE answered all it ran: what it still held never started.
-            held = self.dispatcher.remove_worker(peer.identity)
-            for task in reversed(held):
-                self.dispatcher.submit(task, front=True)
+            self.dispatcher.requeue(self.dispatcher.remove_worker(peer.identity))
             self.worker_fns.pop(peer.identity, None)
             owner = self.peers.get(peer.supervisor)
             if owner is not None:
@@ -477,22 +475,20 @@ class Scheduler:
         if owner is not None:
             owner.workers.discard(worker.identity)
         held = self.dispatcher.remove_worker(worker.identity)
-        ran, unreported, unstarted = sort_lost(held, record)
-        failed = 0
-        for task in ran:
-            client = self.peers.get(task.context[0])
-            if client is not None and task.attempts < client.retries:
-                task.attempts += 1
-                unstarted.insert(0, task)
-                continue
-            failed += 1
+        plan = plan_loss(held, record, self.retries_for)
+        for task in plan.failed_running:
             self.route(task, Status.LOST, [f"{how} while running the task".encode()], 0.0)
-        for task in unreported:
-            failed += 1
+        for task in plan.failed_unreported:
             self.route(task, Status.LOST, [f"{how} before it reported the result".encode()], 0.0)
-        for task in reversed(unstarted):
-            self.dispatcher.submit(task, front=True)
-        log.warning("%s; %d task(s) failed, %d requeued", how, failed, len(unstarted))
+        self.dispatcher.requeue(plan.requeue)
+        failed = len(plan.failed_running) + len(plan.failed_unreported)
+        log.warning("%s; %d task(s) failed, %d requeued", how, failed, len(plan.requeue))
+
+    def retries_for(self, task: Task) -> int:
+        """How often a task may run again after its worker died: its client's choice
+        (none if the client is gone: no one waits for it)."""
+        client = self.peers.get(task.context[0])
+        return client.retries if client is not None else 0
 
     def check_liveness(self, now: float) -> None:
         for peer in list(self.peers.values()):

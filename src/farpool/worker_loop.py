@@ -402,10 +402,10 @@ def boot() -> int:
     init = os.path.join(package.__path__[0], "__init__.py")
     loader = SourceFileLoader("farpool", init)
     spec = ModuleSpec("farpool", loader, origin=init, is_package=True)
-    spec.submodule_search_locations = package.__path__
+    spec.submodule_search_locations = package.__path__  # type: ignore[assignment]  # the same list object
     spec.has_location = True
     package.__spec__, package.__file__, package.__loader__ = spec, init, loader
-    package.__getattr__ = _load_package  # type: ignore[attr-defined]  # PEP 562
+    package.__getattr__ = _load_package  # type: ignore[method-assign]  # PEP 562
     return _process_main()
 
 
@@ -415,7 +415,9 @@ def _load_package(name: str) -> Any:
     if name.startswith("__") and name.endswith("__") and name != "__all__":
         raise AttributeError(f"module 'farpool' has no attribute {name!r}")
     vars(package).pop("__getattr__", None)
-    package.__spec__.loader.exec_module(package)
+    spec = package.__spec__
+    assert spec is not None and spec.loader is not None  # set by the boot above
+    spec.loader.exec_module(package)
     return getattr(package, name)
 
 
@@ -423,7 +425,7 @@ def _process_main() -> int:
     config = pickle.loads(sys.stdin.buffer.read())
     package = sys.modules["farpool"]
     if "__version__" not in vars(package) and "version" in config:
-        package.__version__ = config["version"]  # for HELLO, without loading the package
+        package.__version__ = config["version"]  # type: ignore[attr-defined]  # for HELLO, without loading the package
     for entry in reversed(config["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -360,10 +360,10 @@ class _RemoteIO:
         # the socket (under the lock) while this thread sleeps. A ZeroMQ descriptor
         # only says "something changed": ZMQ_EVENTS (protocol.readable) says what.
         poller = select.poll()
-        poller.register(self.sock.get(zmq.FD), select.POLLIN)
+        poller.register(int(self.sock.get(zmq.FD)), select.POLLIN)
         poller.register(self.wakeup.fd, select.POLLIN)
         if self.monitor is not None:
-            poller.register(self.monitor.get(zmq.FD), select.POLLIN)
+            poller.register(int(self.monitor.get(zmq.FD)), select.POLLIN)
         with self.lock:
             self.hello()
         next_beat = time.monotonic() + self.heartbeat
@@ -422,6 +422,7 @@ class _RemoteIO:
 
         from ..security import describe_handshake_failure
 
+        assert self.monitor is not None  # polled only when there is one
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -449,9 +450,9 @@ class _RemoteIO:
             self.send_tasks(batch)
         cancels = []
         while self.cancels:
-            task = self.unfinished.pop(self.cancels.popleft(), None)
-            if task is not None:
-                cancels.append(task.task_id)
+            pending = self.unfinished.pop(self.cancels.popleft(), None)
+            if pending is not None:
+                cancels.append(pending.task_id)
         if self.cancel_pending:
             self.cancel_pending = False
             cancels.extend(self.unfinished)
