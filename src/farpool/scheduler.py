@@ -41,6 +41,7 @@ import zmq
 from . import protocol
 from .dispatch import Dispatcher, Task, plan_loss
 from .fncache import FN_CACHE_SIZE, SentFunctions
+from .liveness import heartbeat_limit
 from .protocol import Kind, Status
 
 log = logging.getLogger("farpool.scheduler")
@@ -493,7 +494,7 @@ class Scheduler:
     def check_liveness(self, now: float) -> None:
         for peer in list(self.peers.values()):
             # A peer beating slower than we do is judged by its own interval.
-            limit = max(self.heartbeat, peer.heartbeat) * self.liveness
+            limit = heartbeat_limit(self.heartbeat, self.liveness, peer.heartbeat)
             if peer.role != "worker" and now - peer.last_seen > limit:
                 self.counters[f"{peer.role}s_timed_out"] += 1
                 self.forget(peer, f"stopped answering (no heartbeat for {limit:g} s)")

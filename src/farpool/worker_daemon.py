@@ -34,6 +34,7 @@ import cloudpickle
 import zmq
 
 from . import protocol
+from .liveness import silent_too_long
 from .protocol import Kind
 from .scheduler import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, RECONNECT
 from .spawn import WorkerProcess, describe_exit, spawn_worker
@@ -130,7 +131,7 @@ class Node:
             if self.stop_requested.is_set() and self.draining_until is None:
                 self.start_draining(now)
             if self.draining_until is not None:
-                if self.welcomed and now - self.last_heard > self.heartbeat * DEFAULT_LIVENESS:
+                if self.welcomed and silent_too_long(self.last_heard, now, self.heartbeat, DEFAULT_LIVENESS):
                     # The scheduler is gone: nobody would take back our tasks or results.
                     log.warning("the scheduler at %s stopped answering; stopping now", self.address)
                     self.welcomed = False
@@ -143,7 +144,7 @@ class Node:
                     next_beat = now + self.heartbeat
                     self.send(Kind.HEARTBEAT)
                 continue
-            if self.welcomed and now - self.last_heard > self.heartbeat * DEFAULT_LIVENESS:
+            if self.welcomed and silent_too_long(self.last_heard, now, self.heartbeat, DEFAULT_LIVENESS):
                 log.warning("the scheduler at %s stopped answering; waiting for it to come back",
                             self.address)
                 self.welcomed = False

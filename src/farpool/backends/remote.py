@@ -48,6 +48,7 @@ from ..errors import (
     VersionMismatch,
     WorkerLost,
 )
+from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..pool import _install_exit_hook, _label, _live_pools
 from ..protocol import Kind, Status
 from ..wakeup import WakePipe
@@ -250,7 +251,7 @@ class _RemoteIO:
         self.welcomed = False
         self.ever_welcomed = False
         self.hello_seq = 0
-        self.lost_since: float | None = None
+        self.reconnect = ReconnectWindow(reconnect_timeout)
         self.last_heard = time.monotonic()
         self.closing = False
         self.cancel_pending = False
@@ -392,22 +393,22 @@ class _RemoteIO:
     def tick(self, now: float) -> None:
         """Heartbeats out; notice a silent scheduler; give up after the reconnect window."""
         if self.welcomed:
-            if now - self.last_heard > self.heartbeat * LIVENESS:
+            if silent_too_long(self.last_heard, now, self.heartbeat, LIVENESS):
                 log.warning("the scheduler at %s stopped answering; waiting for it to return",
                             self.address)
                 self.welcomed = False
-                self.lost_since = now
+                self.reconnect.lost(now)
             else:
                 self.send(protocol.encode(Kind.HEARTBEAT))
                 return
         if not self.ever_welcomed:
             self.hello()
             return
-        since = self.lost_since if self.lost_since is not None else now
-        if now - since > self.reconnect_timeout:
+        if self.reconnect.expired(now):
+            silent = self.reconnect.waited(now) + heartbeat_limit(self.heartbeat, LIVENESS)
             self.break_with(SchedulerLost(
                 f"the scheduler at {self.address} has not answered for "
-                f"{now - since + self.heartbeat * LIVENESS:.0f} s; this task may or may not have run"))
+                f"{silent:.0f} s; this task may or may not have run"))
         else:
             self.hello()
 
@@ -501,7 +502,7 @@ class _RemoteIO:
                 # The scheduler does not know us: it restarted, or gave us up for lost.
                 if self.welcomed:
                     self.welcomed = False
-                    self.lost_since = time.monotonic()
+                    self.reconnect.lost(time.monotonic())
                 self.hello()
 
     def on_welcome(self, info: dict[str, Any]) -> None:
@@ -509,7 +510,7 @@ class _RemoteIO:
             return  # the answer to an older HELLO
         first = not self.ever_welcomed
         self.welcomed = self.ever_welcomed = True
-        self.lost_since = None
+        self.reconnect.back()
         self.connected.set()
         # A (new) scheduler session knows none of our functions or tasks.
         self.sent_fns = serialize.SentFunctions()
