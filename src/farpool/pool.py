@@ -44,13 +44,11 @@ from . import protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot, plan_loss
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
+from .respawn import StartFailures
 from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
 from .wakeup import WakePipe
 from .worker_loop import SharedCalls, WorkerLoop, hello, run_initializer
 
-# Consecutive workers dying before their first HELLO that break the pool (a broken
-# environment would otherwise respawn forever).
-MAX_START_FAILURES = 3
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
 _TASKS = Kind.TASKS  # a module global: cheaper to read than the enum's attribute
@@ -296,7 +294,7 @@ class _PoolIO:
         # of threading.Semaphore's Python-level locking). ``grow_lock`` guards ``threads``.
         self.idle: deque[None] = deque()
         self.grow_lock = threading.Lock()
-        self.start_failures = 0
+        self.start_failures = StartFailures(give_up=True)
         self.worker_ids = itertools.count()
         self.shared_calls: dict[int, Any] = {}
         # Thread workers' finished tasks, (worker id, result entries), appended by the
@@ -640,7 +638,7 @@ class _PoolIO:
             self.starting -= 1
         else:
             self.hellos += 1
-        self.start_failures = 0
+        self.start_failures.started()
         self.dispatcher.add_worker(worker_id, int(info.get("slots", 1)), max_tasks=self.max_tasks,
                                    info=info)
         self.sent_fns[worker_id] = serialize.SentFunctions()
@@ -856,8 +854,7 @@ class _PoolIO:
         if self.broken is not None:
             return
         if not proc.said_hello and not proc.said_bye:
-            self.start_failures += 1
-            if self.start_failures >= MAX_START_FAILURES:
+            if self.start_failures.died(failed_start=True, now=time.monotonic()).give_up:
                 self.break_pool(f"worker processes keep dying before they start "
                                 f"(last ended with {describe_exit(code)})")
                 return

@@ -36,6 +36,7 @@ import zmq
 from . import protocol
 from .liveness import silent_too_long
 from .protocol import Kind
+from .respawn import StartFailures, quick_death
 from .scheduler import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, RECONNECT
 from .spawn import WorkerProcess, describe_exit, spawn_worker
 
@@ -73,7 +74,7 @@ class Node:
         self.last_heard = time.monotonic()
         self.stop_requested = threading.Event()
         self.draining_until: float | None = None
-        self.quick_deaths = 0
+        self.start_failures = StartFailures(give_up=False)
         self.respawn_at = 0.0
         self.runtime_dir = tempfile.mkdtemp(prefix="farpool-worker-")
         network: dict[str, Any] = {"heartbeat": heartbeat}
@@ -232,11 +233,12 @@ class Node:
         lived = time.monotonic() - proc.started
         proc.close()
         # A worker dying at once, again and again, is a broken environment: back off.
-        self.quick_deaths = self.quick_deaths + 1 if lived < 2.0 and code != 0 else 0
-        if self.quick_deaths >= 3:
-            delay = min(30.0, 0.5 * 2 ** (self.quick_deaths - 3))
-            log.error("worker processes keep dying at start; next try in %.1f s", delay)
-            self.respawn_at = time.monotonic() + delay
+        now = time.monotonic()
+        respawn = self.start_failures.died(failed_start=quick_death(lived, code), now=now)
+        if respawn.at > now:
+            log.error("worker processes keep dying at start; next try in %.1f s",
+                      respawn.at - now)
+            self.respawn_at = respawn.at
 
     def stop_all(self, *, report: bool) -> None:
         """End every worker process now (closing its control socket makes it exit)."""
