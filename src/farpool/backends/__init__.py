@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from .base import Backend
+from .options import check_known
 
 __all__ = ["Backend", "SCHEMES", "open_backend", "scheme_of"]
 
@@ -42,4 +43,6 @@ def open_backend(address: str, **options: Any) -> Backend:
         raise ValueError(f"unknown farpool address {address!r}: the scheme must be one of {known}")
     module_name, _, factory = target.partition(":")
     module = importlib.import_module(module_name)
-    return getattr(module, factory)(address, **options)
+    open_it = getattr(module, factory)
+    check_known(scheme, open_it, options)
+    return open_it(address, **options)

@@ -46,7 +46,7 @@ from .engine import (
     remote_traceback,
     unwrap_pickling_error,
 )
-from .local import check_workers
+from .options import check_max_workers, check_retries
 
 __all__ = ["DaskBackend"]
 
@@ -69,10 +69,6 @@ def _require() -> Any:
             "the 'dask' backend needs Dask's distributed scheduler: pip install 'farpool[dask]'"
         ) from exc
     return distributed
-
-
-def _check_workers(max_workers: Any) -> int | None:
-    return check_workers(max_workers, None)
 
 
 def _scheduler_address(address: str) -> str | None:
@@ -118,11 +114,10 @@ class DaskBackend(EngineBackend):
         import dask
         from dask.utils import apply, funcname
 
-        workers = _check_workers(max_workers)
+        workers = check_max_workers(max_workers, None)
         scheduler = _scheduler_address(address)
-        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
-                                    or retries < 0):
-            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+        if retries is not None:
+            check_retries(retries)
         if retries is not None and scheduler is not None:
             raise ValueError("retries applies to a local cluster only: an existing scheduler "
                              "retries as its distributed.scheduler.allowed-failures says")

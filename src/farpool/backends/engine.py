@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
+from .options import check_initializer
 
 __all__ = ["EngineBackend", "InitSpec", "InitializerFailed", "SubmitFailed", "call_initialized",
            "ensure_initialized", "remote_traceback", "unwrap_pickling_error"]
@@ -146,8 +147,7 @@ class EngineBackend:
     engine_name = "engine"
 
     def __init__(self, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        check_initializer(initializer)
         self.broken: BaseException | None = None
         self.init_spec = InitSpec.create(initializer, initargs) if initializer is not None else None
         # _submit_lock orders submits and is held through engine calls; _lock guards the

@@ -10,6 +10,7 @@ from typing import Any
 from .. import serialize
 from ..errors import ProcessPoolBroken, unpickling_failed
 from ..worker_loop import run_initializer
+from .options import check_initializer, check_max_workers
 
 
 class InlineBackend:
@@ -19,8 +20,8 @@ class InlineBackend:
     def __init__(self, address: str, *, max_workers: int | None = None,
                  initializer: Callable[..., Any] | None = None,
                  initargs: tuple[Any, ...] = ()) -> None:
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
+        check_max_workers(max_workers, None)
+        check_initializer(initializer)
         self.broken: BaseException | None = None
         self._initializer = initializer
         self._initargs = tuple(initargs)

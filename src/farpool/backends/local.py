@@ -6,36 +6,21 @@ import os
 from typing import Any
 
 from ..pool import LocalPool
-
-
-def check_workers(max_workers: Any, default: Any) -> Any:
-    """Validate max_workers as the stdlib does; None gives ``default``."""
-    if max_workers is None:
-        return default
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-        raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-    if max_workers <= 0:
-        raise ValueError("max_workers must be greater than 0")
-    return max_workers
-
-
-def _check_common(initializer: Any, max_tasks_per_child: Any, retries: Any) -> None:
-    if initializer is not None and not callable(initializer):
-        raise TypeError("initializer must be a callable")
-    if max_tasks_per_child is not None:
-        if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
-            raise TypeError("max_tasks_per_child must be an int")
-        if max_tasks_per_child <= 0:
-            raise ValueError("max_tasks_per_child must be >= 1")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+from .options import (
+    check_initializer,
+    check_max_tasks_per_child,
+    check_max_workers,
+    check_retries,
+)
 
 
 def open_processes(address: str, *, max_workers: int | None = None, initializer: Any = None,
                    initargs: tuple[Any, ...] = (), max_tasks_per_child: int | None = None,
                    retries: int = 0, mp_context: Any = None) -> LocalPool:
-    workers = check_workers(max_workers, os.cpu_count() or 1)
-    _check_common(initializer, max_tasks_per_child, retries)
+    workers = check_max_workers(max_workers, os.cpu_count() or 1)
+    check_initializer(initializer)
+    check_max_tasks_per_child(max_tasks_per_child)
+    check_retries(retries)
     # mp_context is accepted for compatibility: workers are always fresh interpreters.
     # The stdlib refuses max_tasks_per_child with a fork context (forking replacement
     # workers from a process with threads is unsafe); code written for it never relies
@@ -51,8 +36,8 @@ def open_processes(address: str, *, max_workers: int | None = None, initializer:
 
 def open_threads(address: str, *, max_workers: int | None = None, initializer: Any = None,
                  initargs: tuple[Any, ...] = (), thread_name_prefix: str = "") -> LocalPool:
-    workers = check_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
-    _check_common(initializer, None, 0)
+    workers = check_max_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
+    check_initializer(initializer)
     if not isinstance(thread_name_prefix, str):
         raise TypeError("thread_name_prefix must be a str")
     return LocalPool(processes=False, max_workers=workers, initializer=initializer,

@@ -49,6 +49,7 @@ from .engine import (
     remote_traceback,
     unwrap_pickling_error,
 )
+from .options import check_max_workers, check_retries
 
 __all__ = ["RayBackend"]
 
@@ -211,13 +212,8 @@ class RayBackend(EngineBackend):
                  retries: int = 0, remote_options: dict[str, Any] | None = None,
                  **init_options: Any) -> None:
         ray = _require()
-        if max_workers is not None:
-            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-                raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-            if max_workers <= 0:
-                raise ValueError("max_workers must be greater than 0")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+        check_max_workers(max_workers, None)
+        check_retries(retries)
         address = address.strip()
         if address.lower() == "ray":
             address = "ray"

@@ -52,7 +52,7 @@ from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..pool import _install_exit_hook, _label, _live_pools
 from ..protocol import Kind, Status
 from ..wakeup import WakePipe
-from .local import check_workers
+from .options import check_initializer, check_max_workers, check_retries
 
 log = logging.getLogger("farpool.remote")
 
@@ -123,14 +123,12 @@ class RemoteBackend:
                  insecure: bool = False, heartbeat: float = DEFAULT_HEARTBEAT,
                  connect_timeout: float = 10.0, reconnect_timeout: float = 10.0,
                  max_tasks_per_child: int | None = None, mp_context: Any = None) -> None:
-        check_workers(max_workers, None)
+        check_max_workers(max_workers, None)
         if max_tasks_per_child is not None:
             raise ValueError("max_tasks_per_child is set on the worker daemons: "
                              "`farpool worker ADDRESS --max-tasks-per-child N`")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+        check_initializer(initializer)
+        check_retries(retries)
         for name, value in (("heartbeat", heartbeat), ("connect_timeout", connect_timeout),
                             ("reconnect_timeout", reconnect_timeout)):
             if not isinstance(value, (int, float)) or not value > 0:
