@@ -887,3 +887,22 @@ def test_killed_client_has_its_queued_tasks_dropped(shared_address):
         assert time.monotonic() - start < 2
     finally:
         close(ex)
+
+
+def test_interpreter_exit_finishes_pending_remote_work_without_shutdown(shared_address, tmp_path):
+    """A script that submits to a scheduler and ends without shutdown() still gets its
+    queued tasks run before it exits, as with the stdlib's pools (the exit hook the
+    local pools use holds the remote client too)."""
+    done = tmp_path / "done"
+    code = f"""
+        import farpool, pathlib, time
+        def mark(path):
+            time.sleep(0.5)
+            pathlib.Path(path).write_text("ran")
+        ex = farpool.Executor({shared_address!r}, heartbeat={HEARTBEAT!r})
+        ex.submit(mark, {str(done)!r})
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert done.read_text() == "ran"

@@ -28,6 +28,11 @@ _EMA_WEIGHT = 0.2
 _MAX_TIMED_FUNCTIONS = 4096
 
 
+def task_label(fn: Any) -> str:
+    """How errors and logs name a task's function."""
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
 @dataclass(eq=False, slots=True)  # slots: one is made per task
 class Task:
     """One task in flight. ``frames`` are opaque payload frames."""

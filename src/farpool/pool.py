@@ -40,8 +40,8 @@ from typing import Any
 
 import zmq
 
-from . import protocol, serialize
-from .dispatch import Dispatcher, Task, WorkerSlot, plan_loss
+from . import exit_hooks, protocol, serialize
+from .dispatch import Dispatcher, Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
 from .protocol import Kind, Status
 from .respawn import StartFailures
@@ -53,43 +53,6 @@ _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymo
 STOP_GRACE_SECONDS = 5.0
 _TASKS = Kind.TASKS  # a module global: cheaper to read than the enum's attribute
 log = logging.getLogger("farpool.pool")
-
-_live_pools: weakref.WeakSet[_PoolIO] = weakref.WeakSet()
-_exiting = False
-
-
-def _at_exit() -> None:
-    """Let every pool finish its queued work, then stop its workers."""
-    global _exiting
-    _exiting = True
-    for io in list(_live_pools):
-        io.request_close(cancel=False)
-    for io in list(_live_pools):
-        io.join(STOP_GRACE_SECONDS * 4)
-
-
-_hook_lock = threading.Lock()
-_hook_installed = False
-
-
-def _install_exit_hook() -> None:
-    global _hook_installed
-    with _hook_lock:
-        if _hook_installed:
-            return
-        register = getattr(threading, "_register_atexit", None)
-        if register is not None:
-            register(_at_exit)  # runs before threading joins non-daemon threads
-        else:  # pragma: no cover
-            import atexit
-
-            atexit.register(_at_exit)
-        _hook_installed = True
-
-
-def _label(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
-
 
 class FutureSink:
     """Where a local pool's outcomes go: each task's ``context`` is its Future."""
@@ -146,7 +109,7 @@ class LocalPool:
     def __init__(self, *, processes: bool, max_workers: int, initializer: Callable[..., Any] | None,
                  initargs: tuple[Any, ...], max_tasks_per_child: int | None = None,
                  thread_name_prefix: str = "", retries: int = 0) -> None:
-        if _exiting:
+        if exit_hooks.exiting():
             raise RuntimeError("cannot start a pool after interpreter shutdown")
         self.processes = processes
         self.chunks = processes  # map(chunksize>1) batches; threads ignore it like the stdlib
@@ -157,7 +120,6 @@ class LocalPool:
         self._io = _PoolIO(processes=processes, max_workers=max_workers, initializer=initializer,
                            initargs=initargs, max_tasks=max_tasks_per_child,
                            thread_name_prefix=thread_name_prefix, retries=retries)
-        _install_exit_hook()
         self._io.start()
         self._finalizer = weakref.finalize(self, _PoolIO.request_close, self._io, False)
 
@@ -210,7 +172,7 @@ class LocalPool:
         broken = self._io.broken
         if broken is not None:
             raise self.broken_type(str(broken))
-        return Task(next(self._ids), b"-", (fn, args, kwargs), [], b"", _label(fn), 0, False, future)
+        return Task(next(self._ids), b"-", (fn, args, kwargs), [], b"", task_label(fn), 0, False, future)
 
     def _make_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
                    fn_pickle: Any) -> Task | None:
@@ -231,7 +193,7 @@ class LocalPool:
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
-        return Task(task_id, key, blob, frames, label=_label(fn), context=future)
+        return Task(task_id, key, blob, frames, label=task_label(fn), context=future)
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         self._io.request_close(cancel_futures)
@@ -323,7 +285,7 @@ class _PoolIO:
 
     # -- caller side ---------------------------------------------------------------
     def start(self) -> None:
-        _live_pools.add(self)
+        exit_hooks.register(self)
         self.thread.start()
         if not self.started.wait(30):  # pragma: no cover - a stuck start is a bug
             raise RuntimeError("farpool I/O thread did not start")
@@ -929,5 +891,5 @@ class _PoolIO:
         self.wakeup.close()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        _live_pools.discard(self)
+        exit_hooks.unregister(self)
 

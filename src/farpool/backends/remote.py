@@ -39,7 +39,8 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from .. import protocol, serialize
+from .. import exit_hooks, protocol, serialize
+from ..dispatch import task_label
 from ..errors import (
     InitializerFailed,
     ProtocolError,
@@ -49,7 +50,6 @@ from ..errors import (
     WorkerLost,
 )
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
-from ..pool import _install_exit_hook, _label, _live_pools
 from ..protocol import Kind, Status
 from ..wakeup import WakePipe
 from .options import check_initializer, check_max_workers, check_retries
@@ -155,7 +155,6 @@ class RemoteBackend:
             self._init = (hashlib.blake2b(blob, digest_size=16).digest() + secrets.token_bytes(4), blob)
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
                              reconnect_timeout=float(reconnect_timeout))
-        _install_exit_hook()
         self._io.start(float(connect_timeout))
         self._finalizer = weakref.finalize(self, _RemoteIO.request_close, self._io, False)
 
@@ -221,7 +220,7 @@ class RemoteBackend:
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
-        return _Pending(next(self._ids), key, blob, frames, future, _label(fn))
+        return _Pending(next(self._ids), key, blob, frames, future, task_label(fn))
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         self._io.request_close(cancel_futures)
@@ -292,7 +291,7 @@ class _RemoteIO:
             self.request_close(True)
             self.join()
             raise self.connect_error
-        _live_pools.add(self)  # type: ignore[arg-type]  # let queued work finish at exit
+        exit_hooks.register(self)  # let queued work finish at exit
 
     def post(self, tasks: list[_Pending]) -> None:
         if self.closing:
@@ -588,4 +587,4 @@ class _RemoteIO:
         self.sock.close()
         self.ctx.term()
         self.wakeup.close()
-        _live_pools.discard(self)  # type: ignore[arg-type]
+        exit_hooks.unregister(self)
