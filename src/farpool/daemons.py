@@ -1,6 +1,6 @@
 """The long-running commands: ``farpool scheduler``, ``worker``, ``cluster`` and
 ``status``. Process-level glue only (keys, signals, logging, what is printed); the
-work is in ``scheduler.Scheduler`` and ``node.Node``."""
+work is in ``scheduler.Scheduler`` and ``worker_daemon.Node``."""
 
 from __future__ import annotations
 

@@ -246,7 +246,7 @@ def sort_lost(held: list[Task], record: tuple[int | None, int | None] | None
 
     ``record`` is ``(running, done)`` from the worker's state record: the id of the
     task it was running, else of the last one it finished (None for none). A worker
-    may hold finished results back while it runs the next task (see worker.py), so
+    may hold finished results back while it runs the next task (see worker_loop.py), so
     every held task before the running or last finished one ran: running those again
     could run a task twice. A ``done`` task that is not held was reported, and so were
     all before it. With no record at all (a whole host vanished), the first held task

@@ -1,7 +1,7 @@
 """Starting local worker processes and telling how they ended.
 
 Each worker is a fresh interpreter (``python -c BOOT farpool.worker_loop``, see
-``worker.boot``), started by fork+exec with nothing of ours inherited but one end
+``worker_loop.boot``), started by fork+exec with nothing of ours inherited but one end
 of a socket pair:
 
 - the parent watches its end: end-of-file means the child died (however it died);
@@ -28,7 +28,7 @@ from typing import Any
 from .worker_loop import STATE
 
 # A worker imports the few farpool modules it uses, not the package's __init__ (which
-# imports the whole client): this line registers the package bare, and worker.boot
+# imports the whole client): this line registers the package bare, and worker_loop.boot
 # loads the real __init__ only if a task asks for something in it. The trailing
 # argument names the process in ps.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -9,7 +9,7 @@ only the ``Calls`` object differs:
 Results of short tasks are sent in batches (at most ``HOLD_SECONDS`` late); a result
 never waits behind a task that runs longer than that.
 
-A worker process is started by ``supervisor.spawn_worker`` (see ``boot``; ``python
+A worker process is started by ``spawn.spawn_worker`` (see ``boot``; ``python
 -m farpool.worker_loop`` works too) with its configuration pickled on stdin, and a control
 socket inherited from its parent: when the parent dies the socket closes and the
 worker exits, even in the middle of a task.
@@ -391,7 +391,7 @@ def _watch_parent(control: socket.socket) -> None:
 
 
 def boot() -> int:
-    """Entry point of a worker process started by ``supervisor.spawn_worker``.
+    """Entry point of a worker process started by ``spawn.spawn_worker``.
 
     Its command line registered the ``farpool`` package bare, without running
     ``farpool/__init__.py``, which imports the whole client (start-up time). The
