@@ -145,3 +145,23 @@ def test_send_routed_delivers_one_frame_and_many_frames_whole():
         dealer.close()
         router.close()
         ctx.term()
+
+
+# -- BYE reasons and peer roles: enums on a wire of plain strings ----------------------
+def test_a_bye_reason_and_its_detail_round_trip_through_the_wire():
+    text = protocol.bye_text(protocol.ByeReason.INITIALIZER_FAILED, "Traceback: boom")
+    body = protocol.decode(protocol.encode(protocol.Kind.BYE, [text])).body
+    assert protocol.bye_reason(body[0]) is protocol.ByeReason.INITIALIZER_FAILED
+    assert body[0].split(":\n", 1)[1] == "Traceback: boom"
+
+
+def test_a_bye_of_free_text_steers_nothing():
+    assert protocol.bye_reason("asked to stop") is None
+    assert protocol.bye_reason("retiring soon") is None  # only the exact word steers
+    assert protocol.bye_reason("retiring") is protocol.ByeReason.RETIRING
+
+
+def test_roles_and_reasons_travel_as_the_plain_words_older_peers_send():
+    assert msgpack.packb([protocol.PeerRole.WORKER]) == msgpack.packb(["worker"])
+    assert msgpack.packb([protocol.ByeReason.RECONNECT]) == msgpack.packb(["reconnect"])
+    assert f"{protocol.PeerRole.CLIENT}s" == "clients"  # counters and logs read as before

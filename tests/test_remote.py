@@ -906,3 +906,20 @@ def test_interpreter_exit_finishes_pending_remote_work_without_shutdown(shared_a
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert done.read_text() == "ran"
+
+
+def test_a_hello_with_an_unknown_role_is_refused_and_the_scheduler_goes_on(shared_address):
+    """A peer holding a valid key says HELLO as no role the scheduler knows (a word, a
+    list): it is refused, naming the role, and the scheduler still serves a client."""
+    ctx, sock = dealer(shared_address, keys=client_keys())
+    try:
+        for role in ("admin", ["worker"], None):
+            sock.send_multipart(client_hello(role=role))
+            refused = recv(sock)
+            assert refused is not None and refused.kind is Kind.REFUSE
+            assert "unknown role" in refused.body[0]
+    finally:
+        sock.close(0)
+        ctx.term()
+    with executor(shared_address) as ex:
+        assert ex.submit(pow, 2, 5).result(timeout=30) == 32

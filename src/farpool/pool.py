@@ -43,7 +43,7 @@ import zmq
 from . import exit_hooks, protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, ThreadPoolBroken, WorkerLost, unpickling_failed
-from .protocol import Kind, Status
+from .protocol import ByeReason, Kind, Status
 from .respawn import StartFailures
 from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
 from .wakeup import WakePipe
@@ -629,7 +629,7 @@ class _PoolIO:
         proc = self.procs.get(worker_id)
         if proc is not None:
             proc.said_bye = reason
-        if reason.startswith("initializer failed"):
+        if protocol.bye_reason(reason) is ByeReason.INITIALIZER_FAILED:
             # A live process: the pool breaks once it has exited (on_death), as the
             # stdlib's does, so what its exit flushes (a multiprocessing Queue fed by a
             # log handler the initializer set up) has arrived when callers see it broken.
@@ -778,7 +778,8 @@ class _PoolIO:
         try:
             failure = run_initializer(self.initializer, self.initargs)
             if failure is not None:
-                sock.send_multipart(protocol.encode(Kind.BYE, [f"initializer failed:\n{failure}"]))
+                bye = protocol.bye_text(ByeReason.INITIALIZER_FAILED, failure)
+                sock.send_multipart(protocol.encode(Kind.BYE, [bye]))
                 return
             hello(sock, {"pid": os.getpid(), "slots": 1})
             calls = SharedCalls(self.shared_calls,
@@ -811,7 +812,7 @@ class _PoolIO:
         if not proc.said_bye or held:
             self.handle_lost(proc, code, held)
         proc.close()
-        if proc.said_bye.startswith("initializer failed"):
+        if protocol.bye_reason(proc.said_bye) is ByeReason.INITIALIZER_FAILED:
             self.break_pool(_INIT_FAILED.format(kind="process"))
         if self.broken is not None:
             return
@@ -871,7 +872,7 @@ class _PoolIO:
         self.stop_threads.set()
         for worker_id in list(self.dispatcher.workers):
             try:
-                self.router.send_multipart([worker_id, *protocol.encode(Kind.BYE, ["shutdown"])])
+                self.router.send_multipart([worker_id, *protocol.encode(Kind.BYE, [ByeReason.SHUTDOWN])])
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + STOP_GRACE_SECONDS

@@ -60,6 +60,45 @@ class Kind(enum.IntEnum):
     LOST = 11
 
 
+class PeerRole(str, enum.Enum):
+    """Who said HELLO to a scheduler (the ``role`` of its info)."""
+
+    CLIENT = "client"  # submits tasks, receives results
+    WORKER = "worker"  # a worker process: runs tasks
+    SUPERVISOR = "supervisor"  # a `farpool worker` daemon: watches worker processes
+
+    __str__ = str.__str__  # format as the wire's word (3.10 has no StrEnum)
+    __format__ = str.__format__  # type: ignore[assignment]
+
+
+class ByeReason(str, enum.Enum):
+    """The BYE reasons that steer what the receiver does; any other text is only said."""
+
+    RECONNECT = "reconnect"  # scheduler -> a peer it does not know: say HELLO again
+    RETIRING = "retiring"  # supervisor: drain my host; scheduler -> worker: finish up
+    INITIALIZER_FAILED = "initializer failed"  # worker: its initializer raised (detail)
+    SHUTDOWN = "shutdown"  # pool -> its worker: stop
+    STOPPED = "stopped"  # a worker or supervisor that stopped as asked
+    DONE = "done"  # a client closing
+
+    __str__ = str.__str__
+    __format__ = str.__format__  # type: ignore[assignment]
+
+
+def bye_text(reason: ByeReason, detail: str = "") -> str:
+    """A BYE body's text: the reason, then the detail (a traceback) after a newline."""
+    return f"{reason.value}:\n{detail}" if detail else reason.value
+
+
+def bye_reason(text: str) -> ByeReason | None:
+    """The steering reason of a BYE body's text; None for free text."""
+    head = text.split(":\n", 1)[0]
+    try:
+        return ByeReason(head)
+    except ValueError:
+        return None
+
+
 class Status(enum.IntEnum):
     """How a task ended, in a ResultEntry."""
 

@@ -42,13 +42,14 @@ from . import protocol
 from .dispatch import Dispatcher, Task, plan_loss
 from .fncache import FN_CACHE_SIZE, SentFunctions
 from .liveness import heartbeat_limit
-from .protocol import Kind, Status
+from .protocol import ByeReason, Kind, PeerRole, Status
 
 log = logging.getLogger("farpool.scheduler")
 
 DEFAULT_HEARTBEAT = 1.0
 DEFAULT_LIVENESS = 5  # missed heartbeats before a peer is lost
-RECONNECT = "reconnect"  # BYE reason telling an unknown peer to say HELLO again
+RECONNECT = ByeReason.RECONNECT  # tells an unknown peer to say HELLO again
+_ROLES = frozenset(role.value for role in PeerRole)
 RELOAD_KEYS_SECONDS = 5.0
 MAX_SLOTS = 1024
 MAX_PEER_HEARTBEAT = 60.0  # seconds; a longer one claimed in a HELLO is ignored
@@ -84,7 +85,7 @@ class ClientFunctions:
 @dataclass(eq=False)
 class Peer:
     identity: bytes
-    role: str
+    role: PeerRole
     info: dict[str, Any]
     last_seen: float = field(default_factory=time.monotonic)
     heartbeat: float = 0.0  # seconds between the peer's heartbeats, as its HELLO said
@@ -248,9 +249,10 @@ class Scheduler:
         if conflicts:
             self.refuse(identity, "incompatible versions: " + "; ".join(conflicts))
             return
-        if role not in ("client", "worker", "supervisor"):
+        if not isinstance(role, str) or role not in _ROLES:
             self.refuse(identity, f"unknown role {role!r}")
             return
+        role = PeerRole(role)
         if peer is not None:
             self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
         peer = Peer(identity, role, info)
@@ -258,24 +260,24 @@ class Scheduler:
         if type(beat) in (int, float) and 0 < beat <= MAX_PEER_HEARTBEAT:
             peer.heartbeat = float(beat)
         self.peers[identity] = peer
-        if role == "worker":
+        if role == PeerRole.WORKER:
             slots = info.get("slots", 1)
             if type(slots) is not int or not 1 <= slots <= MAX_SLOTS:
                 raise protocol.ProtocolError(f"bad slots {slots!r} in worker HELLO")
             sup = info.get("supervisor", b"")
             peer.supervisor = sup if isinstance(sup, bytes) else b""
             owner = self.peers.get(peer.supervisor)
-            if owner is not None and owner.role == "supervisor":
+            if owner is not None and owner.role == PeerRole.SUPERVISOR:
                 owner.workers.add(identity)
                 if owner.retiring:  # a late starter of a retiring host
                     peer.retiring = True
-                    self.send(identity, protocol.encode(Kind.BYE, ["retiring"]))
+                    self.send(identity, protocol.encode(Kind.BYE, [ByeReason.RETIRING]))
             slot = self.dispatcher.add_worker(identity, slots, info=info)
             slot.retiring = peer.retiring
             self.worker_fns[identity] = SentFunctions()
             log.info("worker %s joined (pid %s)", identity.hex(), info.get("pid"))
             return
-        if role == "client":
+        if role == PeerRole.CLIENT:
             retries = info.get("retries", 0)
             peer.retries = retries if type(retries) is int and retries >= 0 else 0
         log.info("%s %s joined", role, peer.name)
@@ -290,7 +292,7 @@ class Scheduler:
 
     def on_tasks(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
-        if peer.role != "client":
+        if peer.role != PeerRole.CLIENT:
             raise protocol.ProtocolError(f"TASKS from a {peer.role}")
         frames = msg.frames
         pos = 0
@@ -330,7 +332,7 @@ class Scheduler:
 
     def on_results(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
-        if peer.role != "worker":
+        if peer.role != PeerRole.WORKER:
             raise protocol.ProtocolError(f"RESULTS from a {peer.role}")
         frames = msg.frames
         pos = 0
@@ -348,7 +350,7 @@ class Scheduler:
         ``flush_results`` sends the batches, once per pass over the input."""
         client_id, epoch, client_task = task.context
         client = self.peers.get(client_id)
-        if client is None or client.role != "client" or client.epoch != epoch:
+        if client is None or client.role != PeerRole.CLIENT or client.epoch != epoch:
             return  # the client left or reconnected: nobody waits for this
         if client.tasks.pop(client_task, None) is None:
             return
@@ -363,7 +365,7 @@ class Scheduler:
 
     def on_cancel(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
-        if peer.role != "client":
+        if peer.role != PeerRole.CLIENT:
             raise protocol.ProtocolError(f"CANCEL from a {peer.role}")
         wanted = {peer.tasks[t].task_id for t in msg.body[0] if t in peer.tasks}
         for task in self.dispatcher.cancel(identity, wanted):
@@ -379,27 +381,27 @@ class Scheduler:
 
     def on_heartbeat(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
-        if peer.role != "worker":
+        if peer.role != PeerRole.WORKER:
             self.send(identity, protocol.encode(Kind.HEARTBEAT))
 
     def on_bye(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
         reason = msg.body[0]
-        if peer.role == "supervisor" and reason == "retiring":
+        if peer.role == PeerRole.SUPERVISOR and reason == ByeReason.RETIRING:
             # Drain the host: its workers finish what they run, then hand the rest back.
             peer.retiring = True
             for worker_id in list(peer.workers):
                 slot = self.dispatcher.workers.get(worker_id)
                 if slot is not None:
                     slot.retiring = True
-                    self.send(worker_id, protocol.encode(Kind.BYE, ["retiring"]))
+                    self.send(worker_id, protocol.encode(Kind.BYE, [ByeReason.RETIRING]))
             log.info("supervisor %s is retiring", peer.name)
             return
         self.forget(peer, f"it said goodbye ({reason})", orderly=True)
 
     def on_lost(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
-        if peer.role != "supervisor":
+        if peer.role != PeerRole.SUPERVISOR:
             raise protocol.ProtocolError(f"LOST from a {peer.role}")
         info = msg.body[0]
         worker_id, how = info.get("worker"), info.get("how")
@@ -409,7 +411,7 @@ class Scheduler:
         if any(x is not None and type(x) is not int for x in (running, done)):
             raise protocol.ProtocolError("LOST running/done are not task ids")
         worker = self.peers.get(worker_id)
-        if worker is None or worker.role != "worker" or worker.supervisor != identity:
+        if worker is None or worker.role != PeerRole.WORKER or worker.supervisor != identity:
             return  # already gone (it said BYE), or not this supervisor's
         self.counters["workers_lost"] += 1
         self.lose_worker(worker, f"worker process {worker.info.get('pid')} on {peer.name} died "
@@ -430,9 +432,9 @@ class Scheduler:
         return {
             "session": self.session, "address": self.address,
             "uptime": round(time.time() - self.started, 1),
-            "clients": sum(p.role == "client" for p in self.peers.values()),
+            "clients": sum(p.role == PeerRole.CLIENT for p in self.peers.values()),
             "supervisors": [{"name": p.name, "workers": len(p.workers), "retiring": p.retiring}
-                            for p in self.peers.values() if p.role == "supervisor"],
+                            for p in self.peers.values() if p.role == PeerRole.SUPERVISOR],
             "workers": workers,
             "slots": sum(s.slots for s in d.workers.values()),
             "queued": d.queued, "running": d.in_flight(), "done": d.done,
@@ -444,22 +446,22 @@ class Scheduler:
         """Drop a peer and everything that depends on it."""
         if self.peers.get(peer.identity) is not peer:
             return
-        if peer.role == "worker" and not orderly:
+        if peer.role == PeerRole.WORKER and not orderly:
             self.lose_worker(peer, f"worker process {peer.info.get('pid')} {why}", None)
             return
         del self.peers[peer.identity]
-        if peer.role == "client":
+        if peer.role == PeerRole.CLIENT:
             self.dispatcher.drop_client(peer.identity)  # queued work nobody waits for
             peer.tasks.clear()
             peer.epoch += 1
-        elif peer.role == "worker":
+        elif peer.role == PeerRole.WORKER:
             # A worker saying BYE answered all it ran: what it still held never started.
             self.dispatcher.requeue(self.dispatcher.remove_worker(peer.identity))
             self.worker_fns.pop(peer.identity, None)
             owner = self.peers.get(peer.supervisor)
             if owner is not None:
                 owner.workers.discard(peer.identity)
-        elif peer.role == "supervisor":
+        elif peer.role == PeerRole.SUPERVISOR:
             for worker_id in list(peer.workers):
                 worker = self.peers.get(worker_id)
                 if worker is not None:
@@ -495,7 +497,7 @@ class Scheduler:
         for peer in list(self.peers.values()):
             # A peer beating slower than we do is judged by its own interval.
             limit = heartbeat_limit(self.heartbeat, self.liveness, peer.heartbeat)
-            if peer.role != "worker" and now - peer.last_seen > limit:
+            if peer.role != PeerRole.WORKER and now - peer.last_seen > limit:
                 self.counters[f"{peer.role}s_timed_out"] += 1
                 self.forget(peer, f"stopped answering (no heartbeat for {limit:g} s)")
             elif peer.unreachable and now - peer.unreachable > UNREACHABLE_GRACE:
@@ -538,7 +540,7 @@ class Scheduler:
             peer = self.peers.get(identity)
             if peer is None:
                 return
-            if peer.role == "worker" and peer.supervisor in self.peers:
+            if peer.role == PeerRole.WORKER and peer.supervisor in self.peers:
                 # Its supervisor is about to report the death with the exit status and
                 # the task it ran (LOST): give it no more work and wait for that, a
                 # little (check_liveness), rather than fail its task with less to say.

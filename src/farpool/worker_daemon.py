@@ -35,7 +35,7 @@ import zmq
 
 from . import protocol
 from .liveness import silent_too_long
-from .protocol import Kind
+from .protocol import ByeReason, Kind, PeerRole
 from .respawn import StartFailures, quick_death
 from .scheduler import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, RECONNECT
 from .spawn import WorkerProcess, describe_exit, spawn_worker
@@ -83,7 +83,7 @@ class Node:
             network["curve"] = (server_public, pair.public, pair.secret)
         self.worker_config = {
             "network": network,
-            "hello": {"role": "worker", "supervisor": self.identity, "host": self.name},
+            "hello": {"role": PeerRole.WORKER, "supervisor": self.identity, "host": self.name},
         }
 
         self.ctx = zmq.Context()
@@ -162,7 +162,7 @@ class Node:
                 self.spawn()
 
     def hello(self) -> None:
-        self.send(Kind.HELLO, {"role": "supervisor", "name": self.name, "nprocs": self.nprocs,
+        self.send(Kind.HELLO, {"role": PeerRole.SUPERVISOR, "name": self.name, "nprocs": self.nprocs,
                                "pid": os.getpid(), "heartbeat": self.heartbeat,
                                **protocol.version_info()})
 
@@ -262,7 +262,7 @@ class Node:
     def start_draining(self, now: float) -> None:
         if self.welcomed:
             log.info("draining: the running tasks finish, the rest go back to the scheduler")
-            self.send(Kind.BYE, "retiring")
+            self.send(Kind.BYE, ByeReason.RETIRING)
             self.draining_until = now + self.grace
         else:
             self.draining_until = now  # no scheduler to hand work back to
@@ -273,7 +273,7 @@ class Node:
                         len(self.procs), self.grace)
         self.stop_all(report=True)
         if self.welcomed:
-            self.send(Kind.BYE, "stopped")
+            self.send(Kind.BYE, ByeReason.STOPPED)
 
     def close(self) -> None:
         self.stop_all(report=False)

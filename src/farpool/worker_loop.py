@@ -454,7 +454,8 @@ def _process_main() -> int:
         initializer, initargs = _fail_initializer, (traceback.format_exc(),)
     failure = run_initializer(initializer, initargs)
     if failure is not None:
-        sock.send_multipart(protocol.encode(Kind.BYE, [f"initializer failed:\n{failure}"]))
+        bye = protocol.bye_text(protocol.ByeReason.INITIALIZER_FAILED, failure)
+        sock.send_multipart(protocol.encode(Kind.BYE, [bye]))
         sock.close()
         ctx.term()
         return 3

@@ -50,7 +50,7 @@ from ..errors import (
     WorkerLost,
 )
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
-from ..protocol import Kind, Status
+from ..protocol import ByeReason, Kind, PeerRole, Status
 from ..wakeup import WakePipe
 from .options import check_initializer, check_max_workers, check_retries
 
@@ -412,7 +412,7 @@ class _RemoteIO:
     def hello(self) -> None:
         self.hello_seq += 1
         self.send(protocol.encode(Kind.HELLO, [{
-            "role": "client", "retries": self.retries, "hello": self.hello_seq, "pid": os.getpid(),
+            "role": PeerRole.CLIENT, "retries": self.retries, "hello": self.hello_seq, "pid": os.getpid(),
             "heartbeat": self.heartbeat, **protocol.version_info()}]))
 
     def on_monitor(self) -> None:
@@ -576,7 +576,7 @@ class _RemoteIO:
         self.inbox.clear()
         if self.welcomed:
             try:
-                self.send(protocol.encode(Kind.BYE, ["done"]))
+                self.send(protocol.encode(Kind.BYE, [ByeReason.DONE]))
             except zmq.ZMQError:
                 pass
         else:
