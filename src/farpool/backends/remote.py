@@ -239,7 +239,6 @@ class _RemoteIO:
         self.address = address
         self.retries = retries
         self.heartbeat = heartbeat
-        self.reconnect_timeout = reconnect_timeout
         self.broken: BaseException | None = None
         self.inbox: deque[_Pending] = deque()
         self.cancels: deque[int] = deque()
