@@ -321,7 +321,7 @@ class Authenticator:
             control.bind(self._control)
             zap = self.context.socket(zmq.REP)
             zap.linger = 0
-            zap.bind(ZAP_ENDPOINT)
+            _bind_when_free(zap, ZAP_ENDPOINT)
         except zmq.ZMQError as error:
             self._start_error = error
             for sock in (zap, control):
@@ -375,6 +375,21 @@ class Authenticator:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _bind_when_free(sock: zmq.Socket, endpoint: str, patience: float = 2.0) -> None:
+    # A closed socket's inproc name is released by libzmq's reaper thread, a moment
+    # after close() returns; so a new authenticator started right after the last one
+    # stopped can see EADDRINUSE for its own, already-released name. Retry briefly.
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _check_unused(sock: zmq.Socket, caller: str) -> None:
