@@ -5,7 +5,7 @@ timeouts and ``buffersize``, chunking); a backend picked by address runs the tas
 
     Executor.submit/map --> backend.submit/submit_many --> Future
           |                         |
-          |                         +-- processes, threads: farpool.pool (ZeroMQ I/O thread)
+          |                         +-- processes, threads: farpool.process_pool, thread_pool
           |                         +-- tcp://, ipc://: a farpool scheduler daemon
           |                         +-- dask, ray: the engine's own client
           +-- shutdown(wait, cancel_futures) --> backend.shutdown

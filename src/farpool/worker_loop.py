@@ -106,7 +106,7 @@ class SharedCalls:
                  report: Callable[[list[list[Any]]], None] | None = None) -> None:
         self.table = table
         # The bookkeeping goes to the pool by this call, not over the socket: a message
-        # would wake the pool's I/O thread on every task for nothing (see pool.py).
+        # would wake the pool's I/O thread on every task for nothing (see thread_pool.py).
         self.report = report
         self.outcome: tuple[Any, Any, bool] | None = None  # (future, value, raised)
 

@@ -1,11 +1,13 @@
-"""``processes`` and ``threads``: pools on this machine (see ``farpool.pool``)."""
+"""``processes`` and ``threads``: pools on this machine (``farpool.process_pool``,
+``farpool.thread_pool``)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from ..pool import LocalPool
+from ..process_pool import ProcessPool
+from ..thread_pool import ThreadPool
 from .options import (
     check_initializer,
     check_max_tasks_per_child,
@@ -16,7 +18,7 @@ from .options import (
 
 def open_processes(address: str, *, max_workers: int | None = None, initializer: Any = None,
                    initargs: tuple[Any, ...] = (), max_tasks_per_child: int | None = None,
-                   retries: int = 0, mp_context: Any = None) -> LocalPool:
+                   retries: int = 0, mp_context: Any = None) -> ProcessPool:
     workers = check_max_workers(max_workers, os.cpu_count() or 1)
     check_initializer(initializer)
     check_max_tasks_per_child(max_tasks_per_child)
@@ -29,16 +31,15 @@ def open_processes(address: str, *, max_workers: int | None = None, initializer:
             and mp_context.get_start_method(allow_none=False) == "fork"):
         raise ValueError("max_tasks_per_child is incompatible with the 'fork' "
                          "multiprocessing start method; supply a different mp_context.")
-    return LocalPool(processes=True, max_workers=workers, initializer=initializer,
-                     initargs=tuple(initargs), max_tasks_per_child=max_tasks_per_child,
-                     retries=retries)
+    return ProcessPool(max_workers=workers, initializer=initializer, initargs=tuple(initargs),
+                       max_tasks_per_child=max_tasks_per_child, retries=retries)
 
 
 def open_threads(address: str, *, max_workers: int | None = None, initializer: Any = None,
-                 initargs: tuple[Any, ...] = (), thread_name_prefix: str = "") -> LocalPool:
+                 initargs: tuple[Any, ...] = (), thread_name_prefix: str = "") -> ThreadPool:
     workers = check_max_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
     check_initializer(initializer)
     if not isinstance(thread_name_prefix, str):
         raise TypeError("thread_name_prefix must be a str")
-    return LocalPool(processes=False, max_workers=workers, initializer=initializer,
-                     initargs=tuple(initargs), thread_name_prefix=thread_name_prefix)
+    return ThreadPool(max_workers=workers, initializer=initializer, initargs=tuple(initargs),
+                      thread_name_prefix=thread_name_prefix)

@@ -1,0 +1,258 @@
+"""The ``processes`` backend: worker processes fed pickled tasks over ``ipc://``.
+
+Data flow (the shared I/O loop is in ``pool.py``)::
+
+    caller thread                    I/O thread                      worker process
+    -------------                    ----------                      --------------
+    ProcessPool.submit:
+      pickle fn (once per fn)
+      and args -> Task ----post----> Dispatcher --send_batch-->  WorkerLoop: run
+                                       TASKS: fn pickle once per worker
+    future.result() <--deliver---- on_results <--RESULTS batch--  fn(*args)
+                                   on_death <---pidfd readable--  the process exited
+                                     plan_loss: fail, retry or requeue its tasks;
+                                     start a new worker (StartFailures may give up)
+
+The socket lives in a private (0700) directory, removed at cleanup. A worker that
+dies is seen by its pidfd even when a child it forked keeps its sockets open.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from . import protocol, serialize
+from .dispatch import Task, WorkerSlot, plan_loss, task_label
+from .errors import ProcessPoolBroken, WorkerLost
+from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
+from .protocol import ByeReason, Kind
+from .respawn import StartFailures
+from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
+
+
+class ProcessPool(LocalPool):
+    """The caller-side half of ``processes``: pickles each call into a Task."""
+
+    chunks = True
+    _io: ProcessPoolIO
+
+    def __init__(self, *, max_workers: int, initializer: Callable[..., Any] | None,
+                 initargs: tuple[Any, ...], max_tasks_per_child: int | None = None,
+                 retries: int = 0) -> None:
+        refuse_after_exit()
+        self._pickle_fn = serialize.FunctionPickler()
+        self._pickle_lock = threading.Lock()
+        super().__init__(ProcessPoolIO(max_workers=max_workers, initializer=initializer,
+                                       initargs=initargs, max_tasks=max_tasks_per_child,
+                                       retries=retries))
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+        future: Future = Future()
+        task = self._make_task(fn, args, kwargs, future, None)
+        if task is not None:
+            self._io.post([task])
+        return future
+
+    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
+        """Submit ``fn(*args)`` for each args; the function is pickled once."""
+        fn_pickle: Any  # the function's frames, or why it did not pickle
+        try:
+            with self._pickle_lock:
+                fn_pickle = self._pickle_fn(fn)
+        except BaseException as exc:  # noqa: BLE001 - each future carries it
+            fn_pickle = exc
+        futures, tasks = [], []
+        for args in calls:
+            future: Future = Future()
+            task = self._make_task(fn, args, {}, future, fn_pickle)
+            futures.append(future)
+            if task is not None:
+                tasks.append(task)
+        if tasks:
+            self._io.post(tasks)
+        return futures
+
+    def _make_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
+                   fn_pickle: Any) -> Task | None:
+        """The function's pickle (made once per function) and the arguments' frames;
+        None if they fail to pickle (``future`` says why)."""
+        self.check_usable()
+        task_id = next(self._ids)
+        try:
+            if fn_pickle is None:
+                with self._pickle_lock:
+                    fn_pickle = self._pickle_fn(fn)
+            elif isinstance(fn_pickle, BaseException):
+                raise fn_pickle
+            key, blob = fn_pickle
+            frames = serialize.dumps_args(args, kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
+            future.set_exception(exc)
+            return None
+        return Task(task_id, key, blob, frames, label=task_label(fn), context=future)
+
+
+class ProcessPoolIO(PoolIO):
+    """The I/O thread of a process pool: starts, feeds, reaps and replaces processes."""
+
+    kind = "process"
+    broken_type = ProcessPoolBroken
+    fail_held_on_break = True
+
+    def __init__(self, *, max_workers: int, initializer: Any, initargs: tuple[Any, ...],
+                 max_tasks: int | None, retries: int) -> None:
+        # Before any pipe, socket or thread exists: initargs that do not pickle fail
+        # the constructor without leaving anything behind.
+        self.init_blob, self.init_fds = pickle_initializer(initializer, initargs)
+        self.runtime_dir = tempfile.mkdtemp(prefix="farpool-")
+        try:
+            super().__init__(address=f"ipc://{self.runtime_dir}/pool", max_workers=max_workers,
+                             max_tasks=max_tasks, retries=retries)
+        except BaseException:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise
+        self.handlers[Kind.RESULTS] = self.on_results
+        self.sent_fns: dict[bytes, serialize.SentFunctions] = {}
+        self.procs: dict[bytes, WorkerProcess] = {}
+        self.starting = 0  # worker processes spawned that have not said HELLO yet
+        self.start_failures = StartFailures(give_up=True)
+
+    def start_workers(self) -> None:
+        for _ in range(self.max_workers):
+            self.spawn()
+
+    def spawn(self) -> None:
+        worker_id = f"w{next(self.worker_ids)}".encode()
+        self.starting += 1
+        proc = spawn_worker(worker_id, self.address, self.runtime_dir,
+                            max_tasks=self.max_tasks, init_blob=self.init_blob,
+                            inherit_fds=self.init_fds)
+        self.procs[worker_id] = proc
+        self.poller.register(proc.fileno(), zmq.POLLIN)
+
+    def pending_starts(self) -> int:
+        return self.starting
+
+    def worker_started(self, worker_id: bytes) -> bool:
+        proc = self.procs.get(worker_id)
+        if proc is None:
+            return False  # not a worker we started
+        proc.said_hello = True
+        self.starting -= 1
+        self.start_failures.started()
+        self.sent_fns[worker_id] = serialize.SentFunctions()
+        return True
+
+    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
+        """Each function's pickle goes only the first time this worker sees it."""
+        entries: list[list[Any]] = []
+        frames: list[Any] = []
+        sent = self.sent_fns[worker.worker_id]
+        for task in batch:
+            if not self.sink.start(task):
+                self.unplace(worker, task)
+                continue
+            with_fn = sent.needs(task.fn_key)
+            entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+            if with_fn:
+                frames.append(task.fn_blob)
+            frames.extend(task.frames)
+        if entries:
+            self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
+
+    def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
+        frames = msg.frames
+        finished = self.dispatcher.finished
+        pos = 0
+        for entry in msg.body[0]:
+            payload = frames[pos : pos + entry.nframes]
+            pos += entry.nframes
+            task = finished(worker_id, entry.task_id, entry.duration)
+            if task is not None:
+                self.outcomes.append((task, entry, payload))
+
+    def on_bye(self, worker_id: bytes, msg: protocol.Message) -> None:
+        proc = self.procs.get(worker_id)
+        if proc is not None:
+            proc.said_bye = msg.body[0]
+            if protocol.bye_reason(proc.said_bye) is ByeReason.INITIALIZER_FAILED:
+                # The pool breaks once the process has exited (on_death), as the
+                # stdlib's does, so what its exit flushes (a multiprocessing Queue fed
+                # by a log handler the initializer set up) has arrived when callers
+                # see it broken.
+                return
+        super().on_bye(worker_id, msg)
+
+    def on_fd(self, fd: Any) -> None:
+        self.on_death(fd)
+
+    def on_death(self, control: Any) -> None:
+        # zmq.Poller reports plain sockets by file descriptor.
+        fd = control if isinstance(control, int) else control.fileno()
+        proc = next((p for p in self.procs.values() if p.fileno() == fd), None)
+        if proc is None:
+            return
+        if proc.pidfd < 0:  # woken by the control socket, not by the process's exit
+            try:
+                if proc.control.recv(64):
+                    return  # not a death: the worker never writes, but be tolerant
+            except OSError:
+                pass
+        self.poller.unregister(proc.fileno())
+        del self.procs[proc.worker_id]
+        code = proc.reap()
+        held = self.dispatcher.remove_worker(proc.worker_id)
+        self.sent_fns.pop(proc.worker_id, None)
+        if not proc.said_hello:
+            self.starting -= 1
+        if not proc.said_bye or held:
+            self.handle_lost(proc, code, held)
+        proc.close()
+        if protocol.bye_reason(proc.said_bye) is ByeReason.INITIALIZER_FAILED:
+            self.break_pool(_INIT_FAILED.format(kind=self.kind))
+        if self.broken is not None:
+            return
+        if not proc.said_hello and not proc.said_bye:
+            if self.start_failures.died(failed_start=True, now=time.monotonic()).give_up:
+                self.break_pool(f"worker processes keep dying before they start "
+                                f"(last ended with {describe_exit(code)})")
+                return
+        if not self.closing or self.dispatcher.queued:
+            self.spawn()
+
+    def handle_lost(self, proc: WorkerProcess, code: int | None, held: list[Task]) -> None:
+        """Fail the task a dead worker was running (or retry it), and those it ran
+        without reporting; requeue the ones it never began, in their order."""
+        how = describe_exit(code)
+        plan = plan_loss(held, proc.running_and_done(), lambda _task: self.retries)
+        for task in plan.failed_running:
+            self.fail(task, WorkerLost(
+                f"worker process {proc.pid} died with {how} while running task "
+                f"{task.task_id} ({task.label})"))
+        for task in plan.failed_unreported:
+            self.fail(task, WorkerLost(
+                f"worker process {proc.pid} died with {how} before it reported the "
+                f"result of task {task.task_id} ({task.label})"))
+        # Never started (or retried): they run on another worker, invisibly to the caller.
+        self.dispatcher.requeue(plan.requeue)
+
+    def stop_workers(self, deadline: float) -> None:
+        """Wait for each to exit after its BYE; then close its control pipe (it exits
+        when it sees EOF there), terminate, kill."""
+        for proc in list(self.procs.values()):
+            if not proc.said_hello or proc.reap(max(0.0, deadline - time.monotonic())) is None:
+                proc.control.close()
+                proc.stop(time.monotonic() + 1.0)
+            proc.close()
+        self.procs.clear()
+
+    def release(self) -> None:
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
