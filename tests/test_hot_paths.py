@@ -203,7 +203,7 @@ def test_thread_round_trips_go_from_the_caller_without_waking_the_io_thread():
         io = ex._backend._io
         wakes, shortcuts = [], []
         wake, run_now = io.wake, io.run_now
-        io.wake = lambda: (wakes.append(1), wake())
+        io.wake = lambda force=False: (wakes.append(1), wake(force))
         io.run_now = lambda task: shortcuts.append(run_now(task)) or shortcuts[-1]
         try:
             got = [ex.submit(identity, i).result(timeout=10) for i in range(200)]

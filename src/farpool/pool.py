@@ -44,8 +44,8 @@ import zmq
 from . import exit_hooks, protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot
 from .errors import unpickling_failed
+from .io_thread import IOThread
 from .protocol import ByeReason, Kind, Status
-from .wakeup import WakePipe
 
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
@@ -141,11 +141,12 @@ class LocalPool:
         return set()
 
 
-class PoolIO:
+class PoolIO(IOThread):
     """The I/O thread's state. Only the I/O thread (or a caller holding ``io_lock``)
     touches the ROUTER and the dispatcher; callers reach it through ``inbox`` plus a
     wake-up pipe. Subclasses fill in how workers start, take tasks and end."""
 
+    thread_name = "farpool-io"
     kind: ClassVar[str]  # "process" or "thread", for messages
     broken_type: ClassVar[type[BrokenExecutor]]
     # When the pool breaks, fail the tasks workers hold too (a dead process's tasks
@@ -154,16 +155,13 @@ class PoolIO:
 
     def __init__(self, *, address: str, max_workers: int, max_tasks: int | None,
                  retries: int) -> None:
+        super().__init__()
+        self.inbox: deque[Task]
         self.max_workers = max_workers
         self.max_tasks = max_tasks
         self.retries = retries
         self.broken: BaseException | None = None
         self.sink = FutureSink()
-
-        self.inbox: deque[Task] = deque()
-        self.wakeup = WakePipe()
-        self.closing = False
-        self.cancel_pending = False
 
         self.dispatcher = Dispatcher()
         self.worker_ids = itertools.count()
@@ -184,9 +182,7 @@ class PoolIO:
         self.router.router_mandatory = True
         self.router.bind(address)
         self.router_fd = int(self.router.get(zmq.FD))
-        self.thread = threading.Thread(target=self.run, name="farpool-io", daemon=True)
         self.started = threading.Event()
-        self.io_lock = threading.Lock()
 
     # -- what a kind of pool fills in ------------------------------------------------
     def start_workers(self) -> None:
@@ -222,28 +218,19 @@ class PoolIO:
             raise RuntimeError("farpool I/O thread did not start")
 
     def post(self, tasks: list[Task]) -> None:
-        if self.closing:
-            for task in tasks:
-                self.sink.cancel(task)
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self.refuse_if_closed(task.context for task in tasks)
         # Fast path: when the I/O thread is waiting and a worker is idle, the caller
         # sends the task itself, saving a thread switch on every round trip.
         direct = not self.inbox
         self.inbox.extend(tasks)
-        if direct and self.io_lock.acquire(blocking=False):
-            try:
-                self.dispatch_now()
-            finally:
-                self.io_lock.release()
-        else:
+        if not (direct and self.send_from_caller(self.dispatch_now, None)):
             self.wake()
 
-    def dispatch_now(self) -> None:
-        """In a submitting thread, with ``io_lock``: hand the inbox to idle workers.
-
-        Anything else (a queue to respect, no idle worker, a closing or broken pool,
-        input waiting on the router) is left to the I/O thread, woken for it. Nothing
-        here completes a future, so no done-callback runs in the submitting thread.
+    def dispatch_now(self, _: None) -> bool:
+        """In a submitting thread, with ``io_lock``: hand the inbox to idle workers;
+        whether it did. Anything else (a queue to respect, no idle worker, a closing or
+        broken pool) is left to the I/O thread. Nothing here completes a future, so no
+        done-callback runs in the submitting thread.
         """
         dispatcher = self.dispatcher
         inbox = self.inbox
@@ -253,41 +240,25 @@ class PoolIO:
             worker = dispatcher.place(inbox[0])
             if worker is not None:
                 self.send_batch(worker, [inbox.popleft()])
-                if self.deferred or self.may_have_input():
-                    self.wake()
-                return
+                return True
         if (self.closing or self.broken is not None or dispatcher.queued
                 or not any(len(w.held) < w.slots and not w.retiring
                            for w in dispatcher.workers.values())):
-            self.wake()
-            return
+            return False
         while inbox:
             dispatcher.submit(inbox.popleft())
         self.dispatch()
         if self.freed:
             self.take_freed()  # a fast thread worker has answered already
-        # A send may have taken the router's wake-up signal: the I/O thread must look.
-        if dispatcher.queued or self.deferred or self.may_have_input():
-            self.wake()
+        return True
+
+    def needs_io_thread(self) -> bool:
+        return bool(self.closing or self.inbox or self.dispatcher.queued or self.deferred
+                    or self.may_have_input())
 
     def may_have_input(self) -> bool:
-        """After a send from a submitting thread: is input waiting that the I/O thread
-        might not be told of? (A send can take the router's wake-up signal.)"""
+        """Is input waiting on the router (that a send may have hidden from poll)?"""
         return protocol.readable(self.router)
-
-    def wake(self) -> None:
-        self.wakeup.wake()
-
-    def request_close(self, cancel: bool) -> None:
-        if cancel:
-            self.cancel_pending = True
-        self.closing = True
-        self.wake()
-
-    def join(self, timeout: float | None = None) -> None:
-        if threading.current_thread() is self.thread or not self.thread.is_alive():
-            return
-        self.thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
         d = self.dispatcher
@@ -508,7 +479,6 @@ class PoolIO:
         self.fail_pending("the pool was shut down before this task could run")
         self.router.close(0)
         self.ctx.term()
-        self.wakeup.close()
         self.release()
-        exit_hooks.unregister(self)
+        self.release_thread_state()
 

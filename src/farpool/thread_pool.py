@@ -129,36 +129,33 @@ class ThreadPoolIO(PoolIO):
             idle.pop()
         except IndexError:
             return False  # no idle worker: add_threads may start one
-        if not self.io_lock.acquire(False):  # (positional: a keyword costs more here)
-            idle.append(None)
-            return False
-        try:
-            if self.freed:
-                self.take_freed()
-            # Threads still starting send HELLOs that only the general path reads.
-            worker = (self.dispatcher.place(task) if self.hellos >= len(self.threads)
-                      else None)
-            if worker is None:
-                idle.append(None)
-                return False
-            self.send_batch(worker, [task])
-            # A thread started meanwhile (by another submit) may have said HELLO,
-            # and the send may have taken the router's signal for it: the I/O
-            # thread reads HELLOs (see may_have_input).
-            if self.hellos < len(self.threads):
-                self.wake()
+        if self.send_from_caller(self.place_now, task):
             return True
-        finally:
-            self.io_lock.release()
+        idle.append(None)
+        return False
 
-    def dispatch_now(self) -> None:
+    def place_now(self, task: Task) -> bool:
+        """run_now's send, with ``io_lock``: whether an idle worker took ``task``."""
+        if self.freed:
+            self.take_freed()
+        # Threads still starting send HELLOs that only the general path reads. (One
+        # started meanwhile by another submit may say HELLO as we send: the
+        # check-after-send sees it, in may_have_input.)
+        worker = (self.dispatcher.place(task) if self.hellos >= len(self.threads)
+                  else None)
+        if worker is None:
+            return False
+        self.send_batch(worker, [task])
+        return True
+
+    def dispatch_now(self, _: None) -> bool:
         # What the threads reported tells which of them are idle now; a HELLO, that
         # one has started.
         if self.freed:
             self.take_freed()
         if self.hellos < len(self.threads):
             self.receive(caller=True)
-        super().dispatch_now()
+        return super().dispatch_now(None)
 
     def may_have_input(self) -> bool:
         # Threads that have all said HELLO send nothing more until the pool stops
@@ -201,22 +198,16 @@ class ThreadPoolIO(PoolIO):
         self.idle.append(None)
         if not (self.dispatcher.queued or self.closing or self.inbox):
             return
-        if not self.io_lock.acquire(blocking=False):
-            self.wake()  # the holder may have passed its last look at freed
-            return
-        try:
-            self.take_freed()
-            sent = False
-            if self.dispatcher.queued and self.broken is None and not self.closing:
-                self.dispatch()
-                sent = True
-            # After a send the router's FD may not signal input already there.
-            busy = (self.closing or self.inbox or self.deferred or self.dispatcher.queued
-                    or sent and protocol.readable(self.router))
-        finally:
-            self.io_lock.release()
-        if busy:
-            self.wake()
+        if not self.send_from_caller(self.serve_queue, None):
+            self.wake()  # the lock's holder may have passed its last look at freed
+
+    def serve_queue(self, _: None) -> bool:
+        """thread_done's bookkeeping, with ``io_lock``: the finished tasks, then the
+        queued ones to idle workers."""
+        self.take_freed()
+        if self.dispatcher.queued and self.broken is None and not self.closing:
+            self.dispatch()
+        return True
 
     def thread_worker(self, worker_id: bytes) -> None:
         sock = self.ctx.socket(zmq.DEALER)

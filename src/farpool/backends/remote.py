@@ -49,9 +49,9 @@ from ..errors import (
     VersionMismatch,
     WorkerLost,
 )
+from ..io_thread import IOThread
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..protocol import ByeReason, Kind, PeerRole, Status
-from ..wakeup import WakePipe
 from .options import check_initializer, check_max_workers, check_retries
 
 log = logging.getLogger("farpool.remote")
@@ -231,16 +231,19 @@ class RemoteBackend:
         return {"unfinished": len(self._io.unfinished), "connected": self._io.welcomed}
 
 
-class _RemoteIO:
+class _RemoteIO(IOThread):
     """The I/O thread's state: the socket, the unfinished tasks, reconnection."""
+
+    thread_name = "farpool-remote-io"
 
     def __init__(self, address: str, *, curve: Any, retries: int, heartbeat: float,
                  reconnect_timeout: float) -> None:
+        super().__init__()
+        self.inbox: deque[_Pending]
         self.address = address
         self.retries = retries
         self.heartbeat = heartbeat
         self.broken: BaseException | None = None
-        self.inbox: deque[_Pending] = deque()
         self.cancels: deque[int] = deque()
         self.unfinished: dict[int, _Pending] = {}
         self.sent_fns = serialize.SentFunctions()
@@ -249,14 +252,8 @@ class _RemoteIO:
         self.hello_seq = 0
         self.reconnect = ReconnectWindow(reconnect_timeout)
         self.last_heard = time.monotonic()
-        self.closing = False
-        self.cancel_pending = False
         self.connect_error: BaseException | None = None
         self.connected = threading.Event()
-        self.wakeup = WakePipe()
-        # Held by whoever uses the socket and the tables below it: the I/O thread,
-        # except while it sleeps, or a caller sending its tasks directly.
-        self.lock = threading.Lock()
 
         self.ctx = zmq.Context()
         sock = self.sock = self.ctx.socket(zmq.DEALER)
@@ -277,7 +274,6 @@ class _RemoteIO:
                 zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         sock.connect(address)
-        self.thread = threading.Thread(target=self.run, name="farpool-remote-io", daemon=True)
 
     # -- caller side ---------------------------------------------------------------
     def start(self, connect_timeout: float) -> None:
@@ -293,28 +289,26 @@ class _RemoteIO:
         exit_hooks.register(self)  # let queued work finish at exit
 
     def post(self, tasks: list[_Pending]) -> None:
-        if self.closing:
-            for task in tasks:
-                task.future.cancel()
-            raise RuntimeError("cannot schedule new futures after shutdown")
+        self.refuse_if_closed(task.future for task in tasks)
         for task in tasks:
             task.future.add_done_callback(self._on_done(task.task_id))
         # Send from this thread when the socket is free: one thread hop less on every
-        # round trip. Never wait for the lock (a done callback run by the I/O thread
-        # may submit): otherwise the I/O thread sends it.
-        if self.lock.acquire(blocking=False):
-            try:
-                if self.welcomed and self.broken is None and not self.inbox and not self.closing:
-                    for task in tasks:
-                        self.unfinished[task.task_id] = task
-                    self.send_tasks(tasks)
-                    if protocol.readable(self.sock):
-                        self.wake(force=True)  # our send may have eaten the I/O thread's signal
-                    return
-            finally:
-                self.lock.release()
-        self.inbox.extend(tasks)
-        self.wake()
+        # round trip; otherwise the I/O thread sends it.
+        if not self.send_from_caller(self.send_now, tasks):
+            self.inbox.extend(tasks)
+            self.wake()
+
+    def send_now(self, tasks: list[_Pending]) -> bool:
+        """post's send, with ``io_lock``: only when welcomed and nothing waits before."""
+        if not self.welcomed or self.broken is not None or self.inbox or self.closing:
+            return False
+        for task in tasks:
+            self.unfinished[task.task_id] = task
+        self.send_tasks(tasks)
+        return True
+
+    def needs_io_thread(self) -> bool:
+        return protocol.readable(self.sock)
 
     def _on_done(self, task_id: int) -> Callable[[Future], None]:
         def on_done(future: Future) -> None:
@@ -326,30 +320,17 @@ class _RemoteIO:
                 self.wake()
         return on_done
 
-    def wake(self, force: bool = False) -> None:
-        self.wakeup.wake(force)
-
-    def request_close(self, cancel: bool) -> None:
-        if cancel:
-            self.cancel_pending = True
-        self.closing = True
-        self.wake()
-
-    def join(self, timeout: float | None = None) -> None:
-        if threading.current_thread() is not self.thread and self.thread.is_alive():
-            self.thread.join(timeout)
-
     # -- I/O thread ----------------------------------------------------------------
     def run(self) -> None:
         try:
             self.loop()
         except BaseException as exc:  # noqa: BLE001 - never leave a future hanging
             traceback.print_exc()
-            with self.lock:
+            with self.io_lock:
                 self.break_with(SchedulerLost(f"the farpool I/O thread failed: {exc!r}"))
         finally:
             self.connected.set()
-            with self.lock:
+            with self.io_lock:
                 self.cleanup()
 
     def loop(self) -> None:
@@ -361,12 +342,12 @@ class _RemoteIO:
         poller.register(self.wakeup.fd, select.POLLIN)
         if self.monitor is not None:
             poller.register(int(self.monitor.get(zmq.FD)), select.POLLIN)
-        with self.lock:
+        with self.io_lock:
             self.hello()
         next_beat = time.monotonic() + self.heartbeat
         timeout = max(10, int(self.heartbeat * 500))
         while True:
-            with self.lock:
+            with self.io_lock:
                 if self.monitor is not None and protocol.readable(self.monitor):
                     self.on_monitor()
                 self.take_inbox()
@@ -585,5 +566,4 @@ class _RemoteIO:
             self.monitor.close(0)
         self.sock.close()
         self.ctx.term()
-        self.wakeup.close()
-        exit_hooks.unregister(self)
+        self.release_thread_state()
