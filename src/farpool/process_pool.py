@@ -153,28 +153,19 @@ class ProcessPoolIO(PoolIO):
 
     def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
         """Each function's pickle goes only the first time this worker sees it."""
-        entries: list[list[Any]] = []
-        frames: list[Any] = []
-        sent = self.sent_fns[worker.worker_id]
+        going = []
         for task in batch:
-            if not self.sink.start(task):
+            if self.sink.start(task):
+                going.append(task)
+            else:
                 self.unplace(worker, task)
-                continue
-            with_fn = sent.needs(task.fn_key)
-            entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
-            if with_fn:
-                frames.append(task.fn_blob)
-            frames.extend(task.frames)
-        if entries:
-            self.send(worker, protocol.encode(Kind.TASKS, [entries], frames))
+        if going:
+            needs = self.sent_fns[worker.worker_id].needs
+            self.send(worker, protocol.encode_tasks(going, needs))
 
     def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
-        frames = msg.frames
         finished = self.dispatcher.finished
-        pos = 0
-        for entry in msg.body[0]:
-            payload = frames[pos : pos + entry.nframes]
-            pos += entry.nframes
+        for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             task = finished(worker_id, entry.task_id, entry.duration)
             if task is not None:
                 self.outcomes.append((task, entry, payload))

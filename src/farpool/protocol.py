@@ -31,8 +31,8 @@ from __future__ import annotations
 import enum
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import msgpack
 import zmq
@@ -139,6 +139,43 @@ class Message(NamedTuple):
 # One msgpack Packer per thread: msgpack.packb builds a new one (and its buffer) on
 # every call, which costs more than packing a small header.
 _packers = threading.local()
+
+
+class SendableTask(Protocol):
+    """What ``encode_tasks`` reads of a task (the pool's, the scheduler's and the
+    remote client's tasks all have it)."""
+
+    task_id: int
+    fn_key: bytes
+    fn_blob: Any
+    frames: list[Any]
+
+
+def encode_tasks(tasks: Iterable[SendableTask], needs: Callable[[bytes], bool]) -> list[Any]:
+    """The TASKS message for ``tasks``: a function's blob rides along only where
+    ``needs(fn_key)`` says the receiver does not hold it yet."""
+    entries: list[list[Any]] = []
+    frames: list[Any] = []
+    for task in tasks:
+        with_fn = needs(task.fn_key)
+        entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
+        if with_fn:
+            frames.append(task.fn_blob)
+        frames.extend(task.frames)
+    return encode(Kind.TASKS, [entries], frames)
+
+
+_Entry = TypeVar("_Entry", TaskEntry, ResultEntry)
+
+
+def with_frames(entries: Iterable[_Entry], frames: list[Any]) -> Iterator[tuple[_Entry, list[Any]]]:
+    """Each entry of a decoded TASKS or RESULTS batch with its own payload frames
+    (``decode`` has checked that the counts add up)."""
+    pos = 0
+    for entry in entries:
+        end = pos + entry.nframes
+        yield entry, frames[pos:end]
+        pos = end
 
 
 def encode(kind: Kind, body: Sequence[Any] = (), frames: Sequence[Any] = ()) -> list[Any]:

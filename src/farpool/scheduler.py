@@ -294,24 +294,20 @@ class Scheduler:
         assert peer is not None
         if peer.role != PeerRole.CLIENT:
             raise protocol.ProtocolError(f"TASKS from a {peer.role}")
-        frames = msg.frames
-        pos = 0
         rejected: list[tuple[int, str]] = []
-        for entry in msg.body[0]:
+        for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             if entry.fn_frames:
-                blob = frames[pos]
+                blob = payload[0]
                 # Keys name blobs by content, so workers share them across clients; a
                 # key that is not its blob's digest would run one client's function
                 # in place of another's.
                 if hashlib.blake2b(_buffer(blob), digest_size=16).digest() != entry.fn_key:
-                    pos += entry.nframes
                     rejected.append((entry.task_id, "the function key is not the digest of its blob"))
                     continue
                 peer.fns.put(entry.fn_key, blob)
             else:
                 blob = peer.fns.get(entry.fn_key)
-            args = frames[pos + entry.fn_frames : pos + entry.nframes]
-            pos += entry.nframes
+            args = payload[entry.fn_frames:]
             if blob is None:
                 rejected.append((entry.task_id, "the scheduler does not hold this task's function "
                                                  "(client and scheduler caches disagree)"))
@@ -334,12 +330,8 @@ class Scheduler:
         assert peer is not None
         if peer.role != PeerRole.WORKER:
             raise protocol.ProtocolError(f"RESULTS from a {peer.role}")
-        frames = msg.frames
-        pos = 0
         finished = self.dispatcher.finished
-        for entry in msg.body[0]:
-            payload = frames[pos : pos + entry.nframes]
-            pos += entry.nframes
+        for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             task = finished(identity, entry.task_id, entry.duration)
             if task is None:
                 continue
@@ -518,16 +510,8 @@ class Scheduler:
     # -- output --------------------------------------------------------------------
     def dispatch(self) -> None:
         for worker, batch in self.dispatcher.assign():
-            sent = self.worker_fns[worker.worker_id]
-            entries: list[list[Any]] = []
-            frames: list[Any] = []
-            for task in batch:
-                with_fn = sent.needs(task.fn_key)
-                entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
-                if with_fn:
-                    frames.append(task.fn_blob)
-                frames.extend(task.frames)
-            self.send(worker.worker_id, protocol.encode(Kind.TASKS, [entries], frames))
+            needs = self.worker_fns[worker.worker_id].needs
+            self.send(worker.worker_id, protocol.encode_tasks(batch, needs))
 
     def send(self, identity: bytes, msg: list[Any]) -> None:
         try:

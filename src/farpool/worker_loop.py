@@ -244,14 +244,10 @@ class WorkerLoop:
             print(f"farpool worker: dropped a malformed message: {exc}", file=sys.stderr)
             return
         if msg.kind is _TASKS:
-            payload = msg.frames
             receive = self.calls.receive
             pending = self.pending
-            pos = 0
-            for entry in msg.body[0]:
-                end = pos + entry.fn_frames + entry.arg_frames
-                pending.append((entry, receive(entry, payload[pos:end])))
-                pos = end
+            for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
+                pending.append((entry, receive(entry, payload)))
         elif msg.kind is Kind.CANCEL:
             # Tasks handed ahead (prefetch) and not begun: answer them as cancelled.
             # (Duration -1: not a run time the dispatcher should learn from.)

@@ -440,15 +440,7 @@ class _RemoteIO(IOThread):
     def send_tasks(self, tasks: list[_Pending]) -> None:
         needs = self.sent_fns.needs
         for start in range(0, len(tasks), MAX_BATCH):
-            entries: list[list[Any]] = []
-            frames: list[Any] = []
-            for task in tasks[start : start + MAX_BATCH]:
-                with_fn = needs(task.fn_key)
-                entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
-                if with_fn:
-                    frames.append(task.fn_blob)
-                frames.extend(task.frames)
-            self.send(protocol.encode(Kind.TASKS, [entries], frames))
+            self.send(protocol.encode_tasks(tasks[start : start + MAX_BATCH], needs))
 
     def send(self, msg: list[Any]) -> None:
         protocol.send_frames(self.sock, msg)
@@ -498,11 +490,7 @@ class _RemoteIO(IOThread):
             self.send_tasks(list(self.unfinished.values()))
 
     def on_results(self, msg: protocol.Message) -> None:
-        frames = msg.frames
-        pos = 0
-        for entry in msg.body[0]:
-            payload = frames[pos : pos + entry.nframes]
-            pos += entry.nframes
+        for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             task = self.unfinished.pop(entry.task_id, None)
             if task is None:
                 continue  # cancelled meanwhile, or a duplicate after a resubmission
