@@ -924,31 +924,36 @@ def build_groups(cfg: Config) -> tuple[list[Group], dict[str, str]]:
     return groups, missing
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and tasks (smoke test)")
-    parser.add_argument("--only", default=None, help="comma-separated rows to run (default: all)")
-    parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated metrics (default: all of {','.join(METRICS)})")
-    parser.add_argument("--workers", type=int, default=2, help="workers for every executor (default 2)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the raw numbers here")
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    cfg = Config.make(args.quick, args.workers)
-    groups, missing = build_groups(cfg)
-    order = [row.name for g in groups for row in g.rows]
-    only = set(order) if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
-    if unknown := only - set(order):
-        parser.error(f"unknown rows {sorted(unknown)}; the rows are {', '.join(order)}")
-    metrics = list(METRICS) if args.metrics is None else [s.strip() for s in args.metrics.split(",")]
-    if unknown := set(metrics) - set(METRICS):
-        parser.error(f"unknown metrics {sorted(unknown)}; the metrics are {', '.join(METRICS)}")
+class BackgroundLoad:
+    """Busy processes at the lowest priority (nice 19), one per core: the machine state
+    of a box where other jobs run. The rows measured meanwhile get the cores first,
+    but share caches, memory bandwidth and the scheduler's attention."""
 
-    # SIGTERM ends the run like Ctrl-C does: every daemon and cluster is cleaned up.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    def __init__(self, procs: int) -> None:
+        self.procs = procs
+        self._running: list[subprocess.Popen] = []
+
+    def __enter__(self) -> BackgroundLoad:
+        spin = "import os\nos.nice(19)\nwhile True:\n    pass\n"
+        for _ in range(self.procs):
+            self._running.append(subprocess.Popen([sys.executable, "-c", spin],
+                                                  stdin=subprocess.DEVNULL))
+        time.sleep(0.5)  # let them reach their loop
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self._running:
+            proc.kill()
+        for proc in self._running:
+            proc.wait(10)
+        self._running.clear()
+
+
+def measure_all(cfg: Config, only: set[str], metrics: list[str]) -> tuple[Results, list[str], bool]:
+    """One pass over the chosen rows: the results, the rows' order, and whether it
+    was interrupted."""
+    groups, missing = build_groups(cfg)
+    order = [row.name for g in groups for row in g.rows if row.name in only]
     results = Results()
     started = time.perf_counter()
     interrupted = False
@@ -967,18 +972,91 @@ def main(argv: list[str] | None = None) -> int:
         results.notes.append("the run was interrupted: partial results")
         interrupted = True
     results.notes.append(f"whole run: {time.perf_counter() - started:.0f} s.")
-    order = [name for name in order if name in only]
-    print(report(results, order, metrics, cfg, argv))
+    return results, order, interrupted
+
+
+def states_table(states: list[tuple[str, Results]], order: list[str], metrics: list[str]) -> str:
+    """Each row's median, and its ratio to the stdlib's process pool measured in the
+    same state, one column per machine state."""
+    lines = ["| executor | " + " | ".join(f"{METRICS[m].header}: {state}" for m in metrics
+                                           for state, _ in states) + " |",
+             "|---|" + "---:|" * (len(metrics) * len(states))]
+    for name in order:
+        cells = []
+        for m in metrics:
+            for _, results in states:
+                value = results.median(name, m)
+                r = ratio(results, name, m)
+                cell = "–" if value is None else _number(value * METRICS[m].unit_scale)
+                if value is not None and r is not None:
+                    cell += f" ({_number(r)}×)"
+                cells.append(cell)
+        if any(c != "–" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def raw_numbers(results: Results, order: list[str], metrics: list[str]) -> dict[str, Any]:
+    return {"medians": {row: {m: results.median(row, m) for m in metrics} for row in order},
+            "samples": results.samples, "turns": results.turns, "errors": results.errors,
+            "skipped": results.skipped, "notes": results.notes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and tasks (smoke test)")
+    parser.add_argument("--only", default=None, help="comma-separated rows to run (default: all)")
+    parser.add_argument("--metrics", default=None,
+                        help=f"comma-separated metrics (default: all of {','.join(METRICS)})")
+    parser.add_argument("--workers", type=int, default=2, help="workers for every executor (default 2)")
+    parser.add_argument("--load", action="store_true",
+                        help="run everything twice: idle, then beside background CPU load at "
+                             "the lowest priority (one busy process per core), and compare")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the raw numbers here")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    cfg = Config.make(args.quick, args.workers)
+    groups, _ = build_groups(cfg)
+    all_rows = [row.name for g in groups for row in g.rows]
+    del groups
+    only = set(all_rows) if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
+    if unknown := only - set(all_rows):
+        parser.error(f"unknown rows {sorted(unknown)}; the rows are {', '.join(all_rows)}")
+    metrics = list(METRICS) if args.metrics is None else [s.strip() for s in args.metrics.split(",")]
+    if unknown := set(metrics) - set(METRICS):
+        parser.error(f"unknown metrics {sorted(unknown)}; the metrics are {', '.join(METRICS)}")
+
+    # SIGTERM ends the run like Ctrl-C does: every daemon and cluster is cleaned up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    states: list[tuple[str, Results]] = []
+    results, order, interrupted = measure_all(cfg, only, metrics)
+    states.append(("idle", results))
+    if args.load and not interrupted:
+        procs = os.cpu_count() or 1
+        log(f"again, beside {procs} busy processes at nice 19")
+        with BackgroundLoad(procs):
+            loaded, _, interrupted = measure_all(cfg, only, metrics)
+        loaded.notes.append(f"measured beside {procs} busy processes at nice 19 (--load)")
+        states.append(("loaded", loaded))
+    for state, res in states:
+        if len(states) > 1:
+            print(f"\n### {state}\n")
+        print(report(res, order, metrics, cfg, argv))
+    if len(states) > 1:
+        print("\n### both states (in brackets: × the stdlib ProcessPoolExecutor in the same state)\n")
+        print(states_table(states, order, metrics))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "argv": argv, "cpus": os.cpu_count(), "python": platform.python_version(),
                 "config": cfg.__dict__, "baseline": BASELINE,
-                "medians": {row: {m: results.median(row, m) for m in metrics} for row in order},
-                "samples": results.samples, "turns": results.turns, "errors": results.errors,
-                "skipped": results.skipped,
-                "notes": results.notes,
+                # The idle run at the top level; with --load, the loaded one under "loaded".
+                **raw_numbers(states[0][1], order, metrics),
+                **({"loaded": raw_numbers(states[1][1], order, metrics)} if len(states) > 1 else {}),
             }, f, indent=1)
     return 130 if interrupted else 0
 

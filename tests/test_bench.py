@@ -45,6 +45,28 @@ def test_quick_bench_prints_a_row_of_numbers_per_executor(tmp_path):
     assert not numbers["errors"] and not numbers["skipped"]
 
 
+@pytest.mark.timeout(180)
+def test_load_runs_the_rows_idle_and_loaded_and_stops_its_load(tmp_path):
+    # What a user quoting figures sees: the same rows in two machine states, side by
+    # side, and no busy process left behind.
+    raw = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--load", "--only", ",".join(ROWS),
+         "--metrics", "latency", "--json", str(raw)],
+        capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "### idle" in out and "### loaded" in out and "### both states" in out, out
+    both = out.split("### both states", 1)[1]
+    row = next(line for line in both.splitlines() if line.startswith("| stdlib-threads"))
+    assert re.fullmatch(r"\| stdlib-threads \| [0-9.,]+ \| [0-9.,]+ \|", row), row
+    numbers = json.loads(raw.read_text())
+    assert numbers["medians"]["stdlib-threads"]["latency"] > 0
+    assert numbers["loaded"]["medians"]["stdlib-threads"]["latency"] > 0
+    spinners = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "os.nice(19)" not in spinners
+
+
 def test_unknown_row_is_refused():
     proc = subprocess.run([sys.executable, str(BENCH), "--only", "no-such-row"],
                           capture_output=True, text=True, timeout=60)
