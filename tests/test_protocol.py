@@ -88,6 +88,18 @@ def head(version, kind, body):
     ([head(1, int(Kind.RESULTS), [[[1, 0, 3, 0.0]]]), b"x"], "counts 3 frames"),
     ([head(1, int(Kind.HEARTBEAT), [1])], "empty"),
     ([head(1, int(Kind.HELLO), ["not a map"])], "info-map"),
+    ([head(1, int(Kind.HELLO), [{"slots": "2"}])], "HELLO slots"),
+    ([head(1, int(Kind.HELLO), [{"slots": 0}])], "out of range"),
+    ([head(1, int(Kind.HELLO), [{"retries": -1}])], "out of range"),
+    ([head(1, int(Kind.HELLO), [{"heartbeat": 0}])], "HELLO heartbeat"),
+    ([head(1, int(Kind.HELLO), [{"pid": "1"}])], "HELLO pid"),
+    ([head(1, int(Kind.HELLO), [{"supervisor": "text, not bytes"}])], "HELLO supervisor"),
+    ([head(1, int(Kind.WELCOME), [{"session": "s", "heartbeat": 1.0}])], "WELCOME needs"),
+    ([head(1, int(Kind.WELCOME), [{"session": "s", "heartbeat": 1.0, "liveness": 0}])],
+     "WELCOME needs"),
+    ([head(1, int(Kind.LOST), [{"worker": "w1", "how": "exit code 1"}])], "LOST worker"),
+    ([head(1, int(Kind.LOST), [{"worker": b"w1"}])], "LOST needs"),
+    ([head(1, int(Kind.LOST), [{"worker": b"w1", "how": "?", "running": "7"}])], "LOST running"),
     ([head(1, int(Kind.BYE), [b"bytes"])], "reason"),
     ([head(1, int(Kind.CANCEL), [["x"]])], "task id"),
     ([head(1, int(Kind.STATUS), []), b"extra"], "unexpected frames"),
@@ -95,6 +107,23 @@ def head(version, kind, body):
 def test_malformed_messages_raise_protocol_error(frames, match):
     with pytest.raises(ProtocolError, match=match):
         protocol.decode(frames)
+
+
+def test_hello_welcome_and_lost_decode_to_typed_records():
+    # What each receiver reads: fields with their types checked once, here, and the
+    # defaults a peer may leave out; the whole map stays for versions and STATUS.
+    info = {"role": "client", "pid": 12, "hello": 3, "heartbeat": 2, "retries": 1, "x": "kept"}
+    hello = protocol.decode(protocol.encode(Kind.HELLO, [info])).body[0]
+    assert hello == protocol.Hello(role="client", pid=12, slots=1, heartbeat=2.0, retries=1,
+                                   seq=3, supervisor=b"", name=None, info=info)
+    bare = protocol.decode(protocol.encode(Kind.HELLO, [{}])).body[0]
+    assert (bare.role, bare.pid, bare.slots, bare.heartbeat, bare.retries, bare.seq) == (
+        None, None, 1, None, 0, None)  # an unknown role is the scheduler's to refuse
+    welcome = protocol.decode(protocol.encode(Kind.WELCOME, [
+        {"session": "ab", "heartbeat": 1, "liveness": 3, "hello": 3}])).body[0]
+    assert (welcome.session, welcome.heartbeat, welcome.liveness, welcome.seq) == ("ab", 1.0, 3, 3)
+    sent = protocol.Lost(b"w1", "signal SIGKILL", 7, None)
+    assert protocol.decode(protocol.encode(Kind.LOST, [sent._asdict()])).body[0] == sent
 
 
 def test_wrong_protocol_version_is_a_version_mismatch():

@@ -403,11 +403,11 @@ class PoolIO(IOThread):
                 finished(worker_id, entry[0], entry[3])
 
     def on_hello(self, worker_id: bytes, msg: protocol.Message) -> None:
-        info = msg.body[0]
+        hello: protocol.Hello = msg.body[0]
         if not self.worker_started(worker_id):
             return
-        self.dispatcher.add_worker(worker_id, int(info.get("slots", 1)), max_tasks=self.max_tasks,
-                                   info=info)
+        self.dispatcher.add_worker(worker_id, hello.slots, max_tasks=self.max_tasks,
+                                   info=hello.info)
 
     def on_bye(self, worker_id: bytes, msg: protocol.Message) -> None:
         if protocol.bye_reason(msg.body[0]) is ByeReason.INITIALIZER_FAILED:

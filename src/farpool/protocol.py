@@ -12,8 +12,8 @@ log and drop it.
 
 Bodies by kind (typed records below):
 
-    HELLO      [info]                 worker or client -> peer: versions, pid, slots
-    WELCOME    [info]                 peer accepted the HELLO
+    HELLO      [info] -> [Hello]      worker or client -> peer: versions, pid, slots
+    WELCOME    [info] -> [Welcome]    peer accepted the HELLO
     REFUSE     [reason]               peer refused the HELLO (versions, credentials)
     TASKS      [[TaskEntry...]]       a batch of tasks; frames: per task fn? + args
     RESULTS    [[ResultEntry...]]     a batch of results; frames: per result payload
@@ -22,7 +22,7 @@ Bodies by kind (typed records below):
     BYE        [reason]               an orderly goodbye (worker retiring, client done)
     STATUS     []                     ask a scheduler for its counters
     STATUS_REPLY [info]               the counters
-    LOST       [info]                 supervisor -> scheduler: one of its worker
+    LOST       [info] -> [Lost]       supervisor -> scheduler: one of its worker
                                       processes died (worker id, how, running/done ids)
 """
 
@@ -351,6 +351,86 @@ def _check_info(body: list[Any], nframes: int) -> list[Any]:
     return body
 
 
+class Hello(NamedTuple):
+    """HELLO: a peer introduces itself. ``info`` is the whole map: the versions
+    (``version_conflicts``) and what STATUS shows of the peer."""
+
+    role: Any  # a PeerRole's word; the scheduler answers any other with REFUSE
+    pid: int | None
+    slots: int  # tasks a worker runs at once
+    heartbeat: float | None  # the peer's heartbeat interval, s
+    retries: int  # a client's retries for a task whose worker died
+    seq: int | None  # which HELLO this is: a WELCOME names the one it answers
+    supervisor: bytes  # a daemon's worker: the identity of its `farpool worker`
+    name: str | None  # a `farpool worker`'s host name
+    info: dict[str, Any]
+
+
+class Welcome(NamedTuple):
+    """WELCOME: the scheduler's answer to a client's or a supervisor's HELLO."""
+
+    session: str  # a new one each time the scheduler starts
+    heartbeat: float
+    liveness: int
+    seq: int | None  # the HELLO answered
+    info: dict[str, Any]
+
+
+class Lost(NamedTuple):
+    """LOST: a supervisor tells that one of its worker processes died."""
+
+    worker: bytes
+    how: str  # "exit code 3", "signal SIGKILL", ...
+    running: int | None  # its state record: the task it had begun, if any
+    done: int | None  # and the last it finished
+
+
+def _field(info: dict[str, Any], key: str, types: tuple[type, ...], default: Any,
+           what: str) -> Any:
+    value = info.get(key, default)
+    if value is default or type(value) in types:
+        return value
+    raise ProtocolError(f"{what} {key} is {value!r}")
+
+
+def _check_hello(body: list[Any], nframes: int) -> list[Any]:
+    info = _check_info(body, nframes)[0]
+    slots = _field(info, "slots", (int,), 1, "HELLO")
+    retries = _field(info, "retries", (int,), 0, "HELLO")
+    if slots < 1 or retries < 0:
+        raise ProtocolError(f"HELLO slots {slots!r} / retries {retries!r} out of range")
+    beat = _field(info, "heartbeat", (int, float), None, "HELLO")
+    if beat is not None and not beat > 0:
+        raise ProtocolError(f"HELLO heartbeat is {beat!r}")
+    return [Hello(role=info.get("role"), pid=_field(info, "pid", (int,), None, "HELLO"),
+                  slots=slots, heartbeat=None if beat is None else float(beat), retries=retries,
+                  seq=_field(info, "hello", (int,), None, "HELLO"),
+                  supervisor=_field(info, "supervisor", (bytes,), b"", "HELLO"),
+                  name=_field(info, "name", (str,), None, "HELLO"), info=info)]
+
+
+def _check_welcome(body: list[Any], nframes: int) -> list[Any]:
+    info = _check_info(body, nframes)[0]
+    session = _field(info, "session", (str,), None, "WELCOME")
+    beat = _field(info, "heartbeat", (int, float), None, "WELCOME")
+    liveness = _field(info, "liveness", (int,), None, "WELCOME")
+    if session is None or beat is None or liveness is None or not beat > 0 or liveness < 1:
+        raise ProtocolError(f"WELCOME needs a session, a heartbeat and a liveness: {info!r}")
+    return [Welcome(session, float(beat), liveness,
+                    _field(info, "hello", (int,), None, "WELCOME"), info)]
+
+
+def _check_lost(body: list[Any], nframes: int) -> list[Any]:
+    info = _check_info(body, nframes)[0]
+    worker = _field(info, "worker", (bytes,), None, "LOST")
+    how = _field(info, "how", (str,), None, "LOST")
+    if worker is None or how is None:
+        raise ProtocolError("LOST needs worker (bytes) and how (str)")
+    running = _field(info, "running", (int,), None, "LOST")
+    done = _field(info, "done", (int,), None, "LOST")
+    return [Lost(worker, how, running, done)]
+
+
 def _check_reason(body: list[Any], nframes: int) -> list[Any]:
     if len(body) != 1 or not isinstance(body[0], str):
         raise ProtocolError("body is not [reason]")
@@ -371,8 +451,8 @@ def _no_frames(what: str, nframes: int) -> None:
 
 
 _VALIDATORS = {
-    Kind.HELLO: _check_info,
-    Kind.WELCOME: _check_info,
+    Kind.HELLO: _check_hello,
+    Kind.WELCOME: _check_welcome,
     Kind.REFUSE: _check_reason,
     Kind.TASKS: _check_tasks,
     Kind.RESULTS: _check_results,
@@ -381,7 +461,7 @@ _VALIDATORS = {
     Kind.BYE: _check_reason,
     Kind.STATUS: _check_empty,
     Kind.STATUS_REPLY: _check_info,
-    Kind.LOST: _check_info,
+    Kind.LOST: _check_lost,
 }
 
 

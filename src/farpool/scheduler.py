@@ -243,8 +243,9 @@ class Scheduler:
         self._last_log, self._suppressed = now, 0
 
     def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
-        info = msg.body[0]
-        role = info.get("role")
+        hello: protocol.Hello = msg.body[0]
+        info = hello.info
+        role = hello.role
         conflicts = protocol.version_conflicts(protocol.version_info(), info)
         if conflicts:
             self.refuse(identity, "incompatible versions: " + "; ".join(conflicts))
@@ -256,16 +257,14 @@ class Scheduler:
         if peer is not None:
             self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
         peer = Peer(identity, role, info)
-        beat = info.get("heartbeat")
-        if type(beat) in (int, float) and 0 < beat <= MAX_PEER_HEARTBEAT:
-            peer.heartbeat = float(beat)
+        if hello.heartbeat is not None and hello.heartbeat <= MAX_PEER_HEARTBEAT:
+            peer.heartbeat = hello.heartbeat
         self.peers[identity] = peer
         if role == PeerRole.WORKER:
-            slots = info.get("slots", 1)
-            if type(slots) is not int or not 1 <= slots <= MAX_SLOTS:
+            slots = hello.slots
+            if slots > MAX_SLOTS:
                 raise protocol.ProtocolError(f"bad slots {slots!r} in worker HELLO")
-            sup = info.get("supervisor", b"")
-            peer.supervisor = sup if isinstance(sup, bytes) else b""
+            peer.supervisor = hello.supervisor
             owner = self.peers.get(peer.supervisor)
             if owner is not None and owner.role == PeerRole.SUPERVISOR:
                 owner.workers.add(identity)
@@ -275,15 +274,14 @@ class Scheduler:
             slot = self.dispatcher.add_worker(identity, slots, info=info)
             slot.retiring = peer.retiring
             self.worker_fns[identity] = SentFunctions()
-            log.info("worker %s joined (pid %s)", identity.hex(), info.get("pid"))
+            log.info("worker %s joined (pid %s)", identity.hex(), hello.pid)
             return
         if role == PeerRole.CLIENT:
-            retries = info.get("retries", 0)
-            peer.retries = retries if type(retries) is int and retries >= 0 else 0
+            peer.retries = hello.retries
         log.info("%s %s joined", role, peer.name)
         self.send(identity, protocol.encode(Kind.WELCOME, [{
             "session": self.session, "heartbeat": self.heartbeat, "liveness": self.liveness,
-            "hello": info.get("hello"), **protocol.version_info()}]))
+            "hello": hello.seq, **protocol.version_info()}]))
 
     def refuse(self, identity: bytes, reason: str) -> None:
         self.counters["refused"] += 1
@@ -395,19 +393,13 @@ class Scheduler:
         assert peer is not None
         if peer.role != PeerRole.SUPERVISOR:
             raise protocol.ProtocolError(f"LOST from a {peer.role}")
-        info = msg.body[0]
-        worker_id, how = info.get("worker"), info.get("how")
-        running, done = info.get("running"), info.get("done")
-        if not isinstance(worker_id, bytes) or not isinstance(how, str):
-            raise protocol.ProtocolError("LOST needs worker (bytes) and how (str)")
-        if any(x is not None and type(x) is not int for x in (running, done)):
-            raise protocol.ProtocolError("LOST running/done are not task ids")
-        worker = self.peers.get(worker_id)
+        lost: protocol.Lost = msg.body[0]
+        worker = self.peers.get(lost.worker)
         if worker is None or worker.role != PeerRole.WORKER or worker.supervisor != identity:
             return  # already gone (it said BYE), or not this supervisor's
         self.counters["workers_lost"] += 1
         self.lose_worker(worker, f"worker process {worker.info.get('pid')} on {peer.name} died "
-                                 f"with {how}", (running, done))
+                                 f"with {lost.how}", (lost.running, lost.done))
 
     def on_status(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         self.send(identity, protocol.encode(Kind.STATUS_REPLY, [self.status()]))

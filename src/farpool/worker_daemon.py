@@ -28,6 +28,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -182,19 +183,24 @@ class Node:
                 log.warning("dropped a malformed message from the scheduler: %s", exc)
                 continue
             self.last_heard = time.monotonic()
-            if msg.kind is Kind.WELCOME:
-                self.on_welcome(msg.body[0])
-            elif msg.kind is Kind.REFUSE:
-                raise RefusedError(msg.body[0])
-            elif msg.kind is Kind.BYE and msg.body[0] == RECONNECT:
-                # The scheduler does not know us (it restarted, or gave us up for lost).
-                self.welcomed = False
-                self.hello()
+            handler = self.handlers.get(msg.kind)
+            if handler is not None:
+                handler(self, msg)
 
-    def on_welcome(self, info: dict[str, Any]) -> None:
+    def on_refuse(self, msg: protocol.Message) -> None:
+        raise RefusedError(msg.body[0])
+
+    def on_bye(self, msg: protocol.Message) -> None:
+        if msg.body[0] == RECONNECT:
+            # The scheduler does not know us (it restarted, or gave us up for lost).
+            self.welcomed = False
+            self.hello()
+
+    def on_welcome(self, msg: protocol.Message) -> None:
+        welcome: protocol.Welcome = msg.body[0]
         if self.welcomed:
             return  # a duplicate answer to a repeated HELLO
-        session = info.get("session")
+        session = welcome.session
         if self.session is not None:
             # Our workers belong to a scheduler that forgot them: start afresh.
             log.warning("rejoined the scheduler at %s (session %s); restarting workers",
@@ -204,6 +210,12 @@ class Node:
             log.info("joined the scheduler at %s with %d worker processes", self.address, self.nprocs)
         self.session = session
         self.welcomed = True
+
+    handlers: dict[Kind, Callable[[Node, protocol.Message], None]] = {
+        Kind.WELCOME: on_welcome,
+        Kind.REFUSE: on_refuse,
+        Kind.BYE: on_bye,
+    }
 
     # -- worker processes ------------------------------------------------------------
     def spawn(self) -> None:
@@ -228,8 +240,7 @@ class Node:
             log.warning("worker process %d died with %s", proc.pid, how)
         if self.welcomed:
             # The scheduler ignores this for a worker that said goodbye first.
-            self.send(Kind.LOST, {"worker": proc.worker_id, "how": how, "running": running,
-                                  "done": done})
+            self.send(Kind.LOST, protocol.Lost(proc.worker_id, how, running, done)._asdict())
         lived = time.monotonic() - proc.started
         proc.close()
         # A worker dying at once, again and again, is a broken environment: back off.
@@ -253,8 +264,8 @@ class Node:
                 code = proc.reap(1.0)
             if report and self.welcomed:
                 running, done = proc.running_and_done()
-                self.send(Kind.LOST, {"worker": worker_id, "how": describe_exit(code),
-                                      "running": running, "done": done})
+                self.send(Kind.LOST, protocol.Lost(worker_id, describe_exit(code), running,
+                                                   done)._asdict())
             proc.close()
         self.procs.clear()
 

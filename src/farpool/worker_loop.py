@@ -243,26 +243,40 @@ class WorkerLoop:
         except protocol.ProtocolError as exc:
             print(f"farpool worker: dropped a malformed message: {exc}", file=sys.stderr)
             return
-        if msg.kind is _TASKS:
-            receive = self.calls.receive
-            pending = self.pending
-            for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
-                pending.append((entry, receive(entry, payload)))
-        elif msg.kind is Kind.CANCEL:
-            # Tasks handed ahead (prefetch) and not begun: answer them as cancelled.
-            # (Duration -1: not a run time the dispatcher should learn from.)
-            ids = set(msg.body[0])
-            kept: deque[tuple[TaskEntry, Any]] = deque()
-            for item in self.pending:
-                if item[0].task_id in ids:
-                    self.out_entries.append([item[0].task_id, int(Status.CANCELLED), 0, -1.0])
-                else:
-                    kept.append(item)
-            self.pending = kept
-        elif msg.kind is Kind.BYE:
-            self.stop_reason = msg.body[0] or "asked to stop"
-        elif msg.kind is Kind.REFUSE:  # a scheduler turned this worker away
-            self.stop_reason = f"refused: {msg.body[0]}"
+        handler = self.handlers.get(msg.kind)
+        if handler is not None:
+            handler(self, msg)
+
+    def on_tasks(self, msg: protocol.Message) -> None:
+        receive = self.calls.receive
+        pending = self.pending
+        for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
+            pending.append((entry, receive(entry, payload)))
+
+    def on_cancel(self, msg: protocol.Message) -> None:
+        # Tasks handed ahead (prefetch) and not begun: answer them as cancelled.
+        # (Duration -1: not a run time the dispatcher should learn from.)
+        ids = set(msg.body[0])
+        kept: deque[tuple[TaskEntry, Any]] = deque()
+        for item in self.pending:
+            if item[0].task_id in ids:
+                self.out_entries.append([item[0].task_id, int(Status.CANCELLED), 0, -1.0])
+            else:
+                kept.append(item)
+        self.pending = kept
+
+    def on_bye(self, msg: protocol.Message) -> None:
+        self.stop_reason = msg.body[0] or "asked to stop"
+
+    def on_refuse(self, msg: protocol.Message) -> None:  # a scheduler turned this worker away
+        self.stop_reason = f"refused: {msg.body[0]}"
+
+    handlers: dict[Kind, Callable[[WorkerLoop, protocol.Message], None]] = {
+        _TASKS: on_tasks,
+        Kind.CANCEL: on_cancel,
+        Kind.BYE: on_bye,
+        Kind.REFUSE: on_refuse,
+    }
 
     def run_one(self) -> None:
         entry, item = self.pending.popleft()

@@ -455,27 +455,29 @@ class _RemoteIO(IOThread):
                 log.warning("dropped a malformed message from the scheduler: %s", exc)
                 continue
             self.last_heard = time.monotonic()
-            if msg.kind is Kind.RESULTS:
-                self.on_results(msg)
-            elif msg.kind is Kind.WELCOME:
-                self.on_welcome(msg.body[0])
-            elif msg.kind is Kind.REFUSE:
-                error = VersionMismatch(f"the scheduler at {self.address} refused this client: "
-                                        f"{msg.body[0]}")
-                if not self.ever_welcomed:
-                    self.connect_error = error
-                    self.connected.set()
-                else:
-                    self.break_with(SchedulerLost(str(error)))
-            elif msg.kind is Kind.BYE:
-                # The scheduler does not know us: it restarted, or gave us up for lost.
-                if self.welcomed:
-                    self.welcomed = False
-                    self.reconnect.lost(time.monotonic())
-                self.hello()
+            handler = self.handlers.get(msg.kind)
+            if handler is not None:
+                handler(self, msg)
 
-    def on_welcome(self, info: dict[str, Any]) -> None:
-        if info.get("hello") != self.hello_seq or self.welcomed:
+    def on_refuse(self, msg: protocol.Message) -> None:
+        error = VersionMismatch(f"the scheduler at {self.address} refused this client: "
+                                f"{msg.body[0]}")
+        if not self.ever_welcomed:
+            self.connect_error = error
+            self.connected.set()
+        else:
+            self.break_with(SchedulerLost(str(error)))
+
+    def on_bye(self, msg: protocol.Message) -> None:
+        # The scheduler does not know us: it restarted, or gave us up for lost.
+        if self.welcomed:
+            self.welcomed = False
+            self.reconnect.lost(time.monotonic())
+        self.hello()
+
+    def on_welcome(self, msg: protocol.Message) -> None:
+        welcome: protocol.Welcome = msg.body[0]
+        if welcome.seq != self.hello_seq or self.welcomed:
             return  # the answer to an older HELLO
         first = not self.ever_welcomed
         self.welcomed = self.ever_welcomed = True
@@ -495,6 +497,13 @@ class _RemoteIO(IOThread):
             if task is None:
                 continue  # cancelled meanwhile, or a duplicate after a resubmission
             self.complete(task, entry.status, payload)
+
+    handlers: dict[Kind, Callable[[_RemoteIO, protocol.Message], None]] = {
+        Kind.RESULTS: on_results,
+        Kind.WELCOME: on_welcome,
+        Kind.REFUSE: on_refuse,
+        Kind.BYE: on_bye,
+    }
 
     def complete(self, task: _Pending, status: int, payload: list[Any]) -> None:
         future = task.future
