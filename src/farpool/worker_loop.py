@@ -35,6 +35,7 @@ from typing import Any
 import zmq
 
 from . import protocol, serialize
+from .initializer import run_initializer
 from .protocol import Kind, Status, TaskEntry
 
 # Batching of results (see WorkerLoop): how long and how many results may wait, and
@@ -368,22 +369,6 @@ class WorkerLoop:
         if self.flusher is not None:
             self.armed.set()
             self.flusher.join(5.0)
-
-
-def run_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> str | None:
-    """Run a pool initializer; return the formatted error if it failed."""
-    if initializer is None:
-        return None
-    try:
-        initializer(*initargs)
-    except BaseException:  # noqa: BLE001 - reported to the pool, which breaks
-        import logging  # only now: worker start-up time
-
-        # Where and how the stdlib pools report it, so logging set up for them (even by
-        # the initializer itself) sees it.
-        logging.getLogger("concurrent.futures").critical("Exception in initializer:", exc_info=True)
-        return traceback.format_exc()
-    return None
 
 
 def hello(sock: zmq.Socket, info: dict[str, Any]) -> None:

@@ -22,17 +22,16 @@ that wakes the waiters and runs no user code, and spares a thread hop per task.
 
 from __future__ import annotations
 
-import pickle
 import queue
 import threading
 import traceback
-import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
+from ..initializer import InitSpec, call_initialized, ensure_initialized
 from .options import check_initializer
 
 __all__ = ["EngineBackend", "InitSpec", "InitializerFailed", "SubmitFailed", "call_initialized",
@@ -52,61 +51,11 @@ _DONE_MANY = "done-many"
 _CANCEL = "cancel"
 
 
-class InitSpec(NamedTuple):
-    """A pool initializer as it travels to engine workers: pickled once, named by a
-    token so each worker process runs it once per executor."""
-
-    token: str
-    blob: bytes
-
-    @classmethod
-    def create(cls, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> InitSpec:
-        import cloudpickle  # a farpool dependency; imported late to keep workers light
-
-        return cls(uuid.uuid4().hex, cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
-
-
 class SubmitFailed(NamedTuple):
     """In place of an engine handle: this call could not be submitted (for example,
     an argument does not pickle). Only its own future fails."""
 
     error: BaseException
-
-
-# token -> None once the initializer ran, or its formatted error. Per worker process.
-_initialized: dict[str, str | None] = {}
-_init_lock = threading.Lock()
-
-
-def ensure_initialized(spec: InitSpec) -> None:
-    """In a worker: run ``spec``'s initializer if this process has not yet."""
-    state = _initialized.get(spec.token, _MISSING)
-    if state is _MISSING:
-        # Engines may run several tasks at once per process: the first one initializes.
-        with _init_lock:
-            state = _initialized.get(spec.token, _MISSING)
-            if state is _MISSING:
-                state = _run_initializer(spec.blob)
-                _initialized[spec.token] = state
-    if isinstance(state, str):
-        raise InitializerFailed(state)
-
-
-def _run_initializer(blob: bytes) -> str | None:
-    from ..worker_loop import run_initializer
-
-    try:
-        initializer, initargs = pickle.loads(blob)
-    except BaseException:  # noqa: BLE001 - reported as a failed initializer
-        return "the initializer could not be unpickled in the worker:\n" + traceback.format_exc()
-    return run_initializer(initializer, initargs)
-
-
-def call_initialized(spec: InitSpec, fn: Callable[..., Any], args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> Any:
-    """The task an engine runs when the executor has an initializer."""
-    ensure_initialized(spec)
-    return fn(*args, **kwargs)
 
 
 def unwrap_pickling_error(exc: BaseException) -> BaseException:

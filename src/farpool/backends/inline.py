@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import serialize
 from ..errors import ProcessPoolBroken, unpickling_failed
-from ..worker_loop import run_initializer
+from ..initializer import run_initializer
 from .options import check_initializer, check_max_workers
 
 

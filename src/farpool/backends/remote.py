@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import BrokenExecutor, Future
 from typing import Any
 
-import cloudpickle
 import zmq
 
 from .. import exit_hooks, protocol, serialize
@@ -49,6 +48,7 @@ from ..errors import (
     VersionMismatch,
     WorkerLost,
 )
+from ..initializer import InitializedCall, InitSpec
 from ..io_thread import IOThread
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..protocol import ByeReason, Kind, PeerRole, Status
@@ -59,38 +59,6 @@ log = logging.getLogger("farpool.remote")
 DEFAULT_HEARTBEAT = 1.0
 LIVENESS = 5  # missed heartbeats before the scheduler counts as gone
 MAX_BATCH = 1000  # tasks per TASKS message
-
-
-_initialized: set[bytes] = set()  # in a worker process: initializers already run
-
-
-class _Initialized:
-    """A task function that first runs its executor's initializer, once per worker
-    process (remote workers are shared, so the initializer travels with the tasks)."""
-
-    def __init__(self, init_key: bytes, init_blob: bytes, fn_blob: bytes) -> None:
-        self.init_key = init_key
-        self.init_blob = init_blob
-        self.fn_blob = fn_blob
-        self._fn: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"init_key": self.init_key, "init_blob": self.init_blob, "fn_blob": self.fn_blob}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _fn=None)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.init_key not in _initialized:
-            try:
-                initializer, initargs = pickle.loads(self.init_blob)
-                initializer(*initargs)
-            except BaseException as exc:  # noqa: BLE001 - breaks the executor, like the stdlib
-                raise InitializerFailed(f"{exc!r}\n{traceback.format_exc()}") from None
-            _initialized.add(self.init_key)
-        if self._fn is None:
-            self._fn = pickle.loads(self.fn_blob)
-        return self._fn(*args, **kwargs)
 
 
 class _Pending:
@@ -148,11 +116,8 @@ class RemoteBackend:
         self._ids = itertools.count(1)
         self._pickle_fn = serialize.FunctionPickler()
         self._pickle_lock = threading.Lock()
-        self._init: tuple[bytes, bytes] | None = None
+        self._init = InitSpec.create(initializer, initargs) if initializer is not None else None
         self._wrapped: dict[bytes, tuple[bytes, bytes]] = {}
-        if initializer is not None:
-            blob = cloudpickle.dumps((initializer, tuple(initargs)), protocol=5)
-            self._init = (hashlib.blake2b(blob, digest_size=16).digest() + secrets.token_bytes(4), blob)
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
                              reconnect_timeout=float(reconnect_timeout))
         self._io.start(float(connect_timeout))
@@ -197,8 +162,7 @@ class RemoteBackend:
                 return key, blob
             hit = self._wrapped.get(key)
             if hit is None:
-                init_key, init_blob = self._init
-                wrapped = pickle.dumps(_Initialized(init_key, init_blob, blob), protocol=5)
+                wrapped = pickle.dumps(InitializedCall(self._init, blob), protocol=5)
                 hit = (hashlib.blake2b(wrapped, digest_size=16).digest(), wrapped)
                 if len(self._wrapped) > 1024:
                     self._wrapped.clear()
