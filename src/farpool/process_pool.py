@@ -32,6 +32,7 @@ import zmq
 from . import protocol, serialize
 from .dispatch import Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, WorkerLost
+from .futures import new_future
 from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind
 from .respawn import StartFailures
@@ -55,7 +56,7 @@ class ProcessPool(LocalPool):
                                        retries=retries))
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
-        future: Future = Future()
+        future: Future = new_future()
         task = self._make_task(fn, args, kwargs, future, None)
         if task is not None:
             self._io.post([task])
@@ -71,7 +72,7 @@ class ProcessPool(LocalPool):
             fn_pickle = exc
         futures, tasks = [], []
         for args in calls:
-            future: Future = Future()
+            future: Future = new_future()
             task = self._make_task(fn, args, {}, future, fn_pickle)
             futures.append(future)
             if task is not None:

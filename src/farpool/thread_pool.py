@@ -38,6 +38,7 @@ import zmq
 from . import protocol
 from .dispatch import Task, WorkerSlot, task_label
 from .errors import ThreadPoolBroken
+from .futures import new_future
 from .initializer import run_initializer
 from .pool import LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind
@@ -61,7 +62,7 @@ class ThreadPool(LocalPool):
                                       initargs=initargs, thread_name_prefix=thread_name_prefix))
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
-        future: Future = Future()
+        future: Future = new_future()
         task = self._make_task(fn, args, kwargs, future)
         io = self._io
         if not io.run_now(task):
@@ -73,7 +74,7 @@ class ThreadPool(LocalPool):
         """Submit ``fn(*args)`` for each args."""
         futures, tasks = [], []
         for args in calls:
-            future: Future = Future()
+            future: Future = new_future()
             tasks.append(self._make_task(fn, args, {}, future))
             futures.append(future)
         if tasks:

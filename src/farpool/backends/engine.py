@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
+from ..futures import new_future
 from ..initializer import InitSpec, call_initialized, ensure_initialized
 from .options import check_initializer
 
@@ -129,7 +130,7 @@ class EngineBackend:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
-        future: Future = Future()
+        future: Future = new_future()
         with self._submit_lock:
             self._check_open()
             try:
@@ -145,7 +146,7 @@ class EngineBackend:
 
     def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
         calls = list(calls)
-        futures: list[Future] = [Future() for _ in calls]
+        futures: list[Future] = [new_future() for _ in calls]
         with self._submit_lock:
             self._check_open()
             handles = self._engine_submit_many(fn, calls) if calls else []

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import serialize
 from ..errors import ProcessPoolBroken, unpickling_failed
+from ..futures import new_future
 from ..initializer import run_initializer
 from .options import check_initializer, check_max_workers
 
@@ -31,7 +32,7 @@ class InlineBackend:
                kwargs: dict[str, Any]) -> Future:
         if self.broken is not None:
             raise self.broken_type(str(self.broken))
-        future: Future = Future()
+        future: Future = new_future()
         if not self._initialized:
             self._initialized = True
             if run_initializer(self._initializer, self._initargs) is not None:

@@ -48,6 +48,7 @@ from ..errors import (
     VersionMismatch,
     WorkerLost,
 )
+from ..futures import new_future
 from ..initializer import InitializedCall, InitSpec
 from ..io_thread import IOThread
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
@@ -133,7 +134,7 @@ class RemoteBackend:
         return type(broken) if isinstance(broken, BrokenExecutor) else SchedulerLost
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
-        future: Future = Future()
+        future: Future = new_future()
         pending = self._make(fn, args, kwargs, future, None)
         if pending is not None:
             self._io.post([pending])
@@ -146,7 +147,7 @@ class RemoteBackend:
             fn_pickle = exc
         futures, batch = [], []
         for args in calls:
-            future: Future = Future()
+            future: Future = new_future()
             pending = self._make(fn, args, {}, future, fn_pickle)
             futures.append(future)
             if pending is not None:
