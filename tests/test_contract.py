@@ -71,6 +71,20 @@ def test_submit_returns_real_future(executor):
     assert fut.done() and not fut.cancelled() and fut.exception() is None
 
 
+def test_stats_count_pending_tasks(executor, address):
+    # What a user watching an executor sees: its tasks not yet done, then none.
+    stats = executor.stats()
+    assert isinstance(stats, dict) and stats["pending"] == 0, stats
+    fut = executor.submit(sleep_then, "x", 0.5)
+    if address != "inline":
+        assert executor.stats()["pending"] >= 1
+    assert fut.result(timeout=30) == "x"
+    deadline = time.monotonic() + 10  # bookkeeping may trail the result a moment
+    while executor.stats()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert executor.stats()["pending"] == 0
+
+
 def test_kwargs_and_lambdas_and_closures(executor):
     offset = 5
     assert executor.submit(add, 1, b=2).result(timeout=30) == 3

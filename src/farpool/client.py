@@ -195,9 +195,9 @@ class Executor(concurrent.futures.Executor):
         return str(broken) if broken is not None else False
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the backend, where it keeps them (workers, queued, running)."""
-        stats = getattr(self._backend, "stats", None)
-        return stats() if stats else {}
+        """Counters of the backend: ``pending`` (this executor's tasks not done yet)
+        everywhere, and what else the backend keeps (workers, queued, running, ...)."""
+        return self._backend.stats()
 
 
 def _batched(iterable: Iterable[T], n: int) -> Iterator[list[T]]:

@@ -262,8 +262,9 @@ class PoolIO(IOThread):
 
     def stats(self) -> dict[str, Any]:
         d = self.dispatcher
-        return {"workers": len(d.workers), "queued": d.queued, "running": d.in_flight(),
-                "done": d.done}
+        running = d.in_flight()
+        return {"workers": len(d.workers), "queued": d.queued, "running": running,
+                "done": d.done, "pending": len(self.inbox) + d.queued + running}
 
     # -- I/O thread ----------------------------------------------------------------
     def run(self) -> None:

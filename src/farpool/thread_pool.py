@@ -170,6 +170,18 @@ class ThreadPoolIO(PoolIO):
             return False
         return protocol.readable(self.router)
 
+    def stats(self) -> dict[str, Any]:
+        # Threads report finished tasks lazily (see thread_done): count them first.
+        # The I/O thread holds io_lock already (a done-callback it runs may ask).
+        if threading.current_thread() is self.thread:
+            self.take_freed()
+        elif self.io_lock.acquire(timeout=5):
+            try:
+                self.take_freed()
+            finally:
+                self.io_lock.release()
+        return super().stats()
+
     def add_threads(self, count: int) -> None:
         """In a submitting thread, for ``count`` new tasks: as the stdlib does, each
         takes an idle worker if there is one, else starts a worker (up to

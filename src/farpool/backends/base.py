@@ -28,6 +28,11 @@ class Backend(Protocol):
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None: ...
 
+    def stats(self) -> dict[str, Any]:
+        """Counters the backend keeps; every backend has ``pending``, this executor's
+        tasks not yet done (submitted, queued or running)."""
+        ...
+
 
 class LocalBackend(Backend, Protocol):
     """A backend of local workers: what the stdlib drop-ins also read from it."""

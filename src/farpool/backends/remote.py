@@ -193,7 +193,8 @@ class RemoteBackend:
             self._io.join()
 
     def stats(self) -> dict[str, Any]:
-        return {"unfinished": len(self._io.unfinished), "connected": self._io.welcomed}
+        unfinished = len(self._io.unfinished) + len(self._io.inbox)
+        return {"pending": unfinished, "unfinished": unfinished, "connected": self._io.welcomed}
 
 
 class _RemoteIO(IOThread):
