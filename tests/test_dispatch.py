@@ -594,3 +594,41 @@ def test_requeue_puts_a_lost_workers_tasks_ahead_of_the_queue_in_order():
     dispatcher.requeue([task(1), task(2)])
     dispatcher.add_worker(b"w", slots=3)
     assert batches(dispatcher) == {b"w": [1, 2, 9]}
+
+
+def test_room_unplace_and_taking_everything_for_a_broken_pool():
+    d = Dispatcher()
+    assert not d.has_room()  # no worker yet
+    d.add_worker(b"w", 1, max_tasks=2)
+    assert d.has_room()
+    first = task(1)
+    worker = d.place(first)
+    assert worker is not None and not d.has_room() and worker.tasks_left == 1
+    d.unplace(worker, first)  # cancelled before it went: the slot and budget return
+    assert d.has_room() and worker.tasks_left == 2 and not worker.held
+    d.place(task(2))
+    for i in (3, 4):
+        d.submit(task(i, client=b"a"))
+    d.submit(task(5, client=b"b"))
+    assert ids(d.take_all(held=False)) == [3, 4, 5] and d.queued == 0
+    assert b"w" in d.workers  # a thread pool breaking: its threads keep their tasks
+    d.submit(task(6))
+    assert ids(d.take_all(held=True)) == [6, 2] and not d.workers
+
+
+def test_shutdown_cancels_queued_tasks_but_keeps_some_for_starting_workers():
+    d = Dispatcher()
+    for i in range(1, 6):
+        d.submit(task(i))
+    started = {4}  # requeued after its worker died: running already, cannot cancel
+    cancelled = []
+
+    def cancel(t):
+        if t.task_id in started:
+            return False
+        cancelled.append(t.task_id)
+        return True
+
+    d.cancel_for_shutdown(2, cancel)
+    assert cancelled == [3, 5]
+    assert ids(d.take_all(held=False)) == [1, 2, 4] and d.queued == 0

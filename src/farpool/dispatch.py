@@ -234,6 +234,38 @@ class Dispatcher:
     def idle(self) -> bool:
         return not self.queued and all(not w.held for w in self.workers.values())
 
+    def has_room(self) -> bool:
+        """Whether some worker could take a task now."""
+        return any(len(w.held) < w.slots and not w.retiring for w in self.workers.values())
+
+    @staticmethod
+    def unplace(worker: WorkerSlot, task: Task) -> None:
+        """Take back a task placed on ``worker`` that was cancelled before it went."""
+        del worker.held[task.task_id]
+        if worker.tasks_left is not None:
+            worker.tasks_left += 1
+
+    def take_all(self, held: bool) -> list[Task]:
+        """Every queued task, and with ``held`` every task a worker holds (their
+        workers forgotten): what a broken or stopped pool must fail."""
+        tasks = [task for client in list(self.queues) for task in self.drop_client(client)]
+        if held:
+            for worker_id in list(self.workers):
+                tasks.extend(self.remove_worker(worker_id))
+        return tasks
+
+    def cancel_for_shutdown(self, keep: int, cancel: Callable[[Task], bool]) -> None:
+        """``shutdown(cancel_futures=True)``: the first ``keep`` queued tasks stay (for
+        workers still starting), the rest are cancelled; one ``cancel`` refuses (it
+        has started already: requeued after its worker died) stays queued too."""
+        for client in list(self.queues):
+            for task in self.drop_client(client):
+                if keep > 0:
+                    keep -= 1
+                    self.submit(task)
+                elif not cancel(task):
+                    self.submit(task)
+
     def in_flight(self) -> int:
         return sum(len(w.held) for w in self.workers.values())
 

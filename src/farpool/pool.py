@@ -13,7 +13,7 @@ ends; everything else is here, once::
                                     ROUTER ---------------------------->  DEALER
                                     ROUTER <----------------------------  WorkerLoop
                                       HELLO: add_worker  BYE: requeue
-                                      RESULTS (processes): outcomes -> deliver
+                                      RESULTS (processes): outcomes -> end_round
     future.result() <------------ FutureSink
 
 ``io_lock`` is held by whoever works on the ROUTER and the dispatcher: the I/O thread,
@@ -168,7 +168,6 @@ class PoolIO(IOThread):
         # Finished tasks reported beside the ROUTER, (worker id, result entries): thread
         # workers append here instead of sending a message (see ThreadPoolIO.thread_done).
         self.freed: deque[tuple[bytes, list[list[Any]]]] = deque()
-        self.outcomes: list[tuple[Task, protocol.ResultEntry, list[Any]]] = []  # see deliver
         self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
         self.handlers: dict[Kind, Callable[[bytes, protocol.Message], None]] = {
             Kind.HELLO: self.on_hello,
@@ -202,6 +201,9 @@ class PoolIO(IOThread):
     def pending_starts(self) -> int:
         """Workers started that have not said HELLO yet."""
         raise NotImplementedError
+
+    def end_round(self) -> None:
+        """Last in each round of the I/O loop, just before it waits."""
 
     def stop_workers(self, deadline: float) -> None:
         """In cleanup, after every worker was told BYE: wait for them until ``deadline``,
@@ -241,9 +243,7 @@ class PoolIO(IOThread):
             if worker is not None:
                 self.send_batch(worker, [inbox.popleft()])
                 return True
-        if (self.closing or self.broken is not None or dispatcher.queued
-                or not any(len(w.held) < w.slots and not w.retiring
-                           for w in dispatcher.workers.values())):
+        if self.closing or self.broken is not None or dispatcher.queued or not dispatcher.has_room():
             return False
         while inbox:
             dispatcher.submit(inbox.popleft())
@@ -320,8 +320,7 @@ class PoolIO(IOThread):
                 # send included), look for input before waiting on it again.
                 if not readable(router):
                     break
-            if self.outcomes:
-                self.deliver()
+            self.end_round()
             if self.closing and self.finished():
                 return
 
@@ -349,14 +348,7 @@ class PoolIO(IOThread):
         """
         if self.broken is None:
             self.dispatch()
-        keep = self.pending_starts()
-        for client in list(self.dispatcher.queues):
-            for task in self.dispatcher.drop_client(client):
-                if keep > 0:
-                    keep -= 1
-                    self.dispatcher.submit(task)
-                elif not self.sink.cancel(task):
-                    self.dispatcher.submit(task)
+        self.dispatcher.cancel_for_shutdown(self.pending_starts(), self.sink.cancel)
 
     def finished(self) -> bool:
         if self.broken is not None:
@@ -418,24 +410,9 @@ class PoolIO(IOThread):
         for task in self.dispatcher.remove_worker(worker_id):
             self.dispatcher.submit(task, front=True)
 
-    def deliver(self) -> None:
-        """Hand finished tasks to the sink. The I/O thread does it last in each round,
-        after sending work out, just before it waits: a caller woken by its result
-        then finds the interpreter free instead of waiting on this thread."""
-        outcomes, self.outcomes = self.outcomes, []
-        for task, entry, payload in outcomes:
-            self.sink.result(task, entry, payload)
-
     def dispatch(self) -> None:
         for worker, batch in self.dispatcher.assign():
             self.send_batch(worker, batch)
-
-    @staticmethod
-    def unplace(worker: WorkerSlot, task: Task) -> None:
-        """Take back a task placed on ``worker`` that was cancelled before it went."""
-        del worker.held[task.task_id]
-        if worker.tasks_left is not None:
-            worker.tasks_left += 1
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:
@@ -458,18 +435,13 @@ class PoolIO(IOThread):
         """Fail queued tasks, and with ``held`` the tasks workers hold."""
         while self.inbox:
             self.fail(self.inbox.popleft(), self.broken_type(message))
-        for client in list(self.dispatcher.queues):
-            for task in self.dispatcher.drop_client(client):
-                self.fail(task, self.broken_type(message))
-        if held:
-            for worker_id in list(self.dispatcher.workers):
-                for task in self.dispatcher.remove_worker(worker_id):
-                    self.fail(task, self.broken_type(message))
+        for task in self.dispatcher.take_all(held):
+            self.fail(task, self.broken_type(message))
 
     def cleanup(self) -> None:
         """Stop workers in order: ask, wait, then end them; then free sockets."""
         self.closing = True
-        self.deliver()  # results taken in a round that failed half-way
+        self.end_round()  # results taken in a round that failed half-way
         for worker_id in list(self.dispatcher.workers):
             try:
                 self.router.send_multipart([worker_id, *protocol.encode(Kind.BYE, [ByeReason.SHUTDOWN])])

@@ -8,7 +8,7 @@ Data flow (the shared I/O loop is in ``pool.py``)::
       pickle fn (once per fn)
       and args -> Task ----post----> Dispatcher --send_batch-->  WorkerLoop: run
                                        TASKS: fn pickle once per worker
-    future.result() <--deliver---- on_results <--RESULTS batch--  fn(*args)
+    future.result() <-end_round--- on_results <--RESULTS batch--  fn(*args)
                                    on_death <---pidfd readable--  the process exited
                                      plan_loss: fail, retry or requeue its tasks;
                                      start a new worker (StartFailures may give up)
@@ -121,6 +121,7 @@ class ProcessPoolIO(PoolIO):
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             raise
         self.handlers[Kind.RESULTS] = self.on_results
+        self.outcomes: list[tuple[Task, protocol.ResultEntry, list[Any]]] = []  # see end_round
         self.sent_fns: dict[bytes, serialize.SentFunctions] = {}
         self.procs: dict[bytes, WorkerProcess] = {}
         self.starting = 0  # worker processes spawned that have not said HELLO yet
@@ -159,7 +160,7 @@ class ProcessPoolIO(PoolIO):
             if self.sink.start(task):
                 going.append(task)
             else:
-                self.unplace(worker, task)
+                self.dispatcher.unplace(worker, task)
         if going:
             needs = self.sent_fns[worker.worker_id].needs
             self.send(worker, protocol.encode_tasks(going, needs))
@@ -170,6 +171,15 @@ class ProcessPoolIO(PoolIO):
             task = finished(worker_id, entry.task_id, entry.duration)
             if task is not None:
                 self.outcomes.append((task, entry, payload))
+
+    def end_round(self) -> None:
+        """Hand finished tasks to the sink last in each round, after sending work out,
+        just before the I/O thread waits: a caller woken by its result then finds the
+        interpreter free instead of waiting on this thread."""
+        if self.outcomes:
+            outcomes, self.outcomes = self.outcomes, []
+            for task, entry, payload in outcomes:
+                self.sink.result(task, entry, payload)
 
     def on_bye(self, worker_id: bytes, msg: protocol.Message) -> None:
         proc = self.procs.get(worker_id)

@@ -292,7 +292,7 @@ class ThreadPoolIO(PoolIO):
             # A thread worker never dies under a task: nothing is ever requeued
             # running, so unlike FutureSink.start there is no running state to allow.
             if not future.set_running_or_notify_cancel():
-                self.unplace(worker, task)
+                self.dispatcher.unplace(worker, task)
                 # Count the worker idle again, as a stdlib thread does after a
                 # cancelled work item: else a thread started for it never would be.
                 self.idle.append(None)

@@ -62,6 +62,32 @@ LIVENESS = 5  # missed heartbeats before the scheduler counts as gone
 MAX_BATCH = 1000  # tasks per TASKS message
 
 
+def settle(task: _Pending, status: int, payload: list[Any]) -> BaseException | None:
+    """Give ``task``'s future the outcome the scheduler sent; the exception it got, if
+    any. A task the scheduler could not run (LOST, REJECTED) fails with its reason."""
+    future = task.future
+    if status == Status.CANCELLED:
+        future.cancel()  # its done callback wakes the waiters
+        return None
+    if future.cancelled() or not future.set_running_or_notify_cancel():
+        return None
+    try:
+        if status == Status.OK:
+            future.set_result(serialize.loads(payload))
+            return None
+        if status == Status.ERROR:
+            exc = serialize.load_exception(payload)
+        else:
+            text = bytes(getattr(payload[0], "buffer", payload[0])).decode(errors="replace") \
+                if payload else "no detail"
+            kind = WorkerLost if status == Status.LOST else ProtocolError
+            exc = kind(f"{text} (task {task.task_id}: {task.label})")
+    except BaseException as error:  # noqa: BLE001 - an unreadable result
+        exc = error
+    future.set_exception(exc)
+    return exc
+
+
 class _Pending:
     __slots__ = ("task_id", "fn_key", "fn_blob", "frames", "future", "label")
 
@@ -362,18 +388,11 @@ class _RemoteIO(IOThread):
             "heartbeat": self.heartbeat, **protocol.version_info()}]))
 
     def on_monitor(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        from ..security import describe_handshake_failure
+        from ..security import handshake_failures
 
         assert self.monitor is not None  # polled only when there is one
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            why = describe_handshake_failure(event["event"], event["value"])
-            if why is not None and not self.ever_welcomed:
+        for why in handshake_failures(self.monitor):
+            if not self.ever_welcomed:
                 self.connect_error = SecurityError(f"{self.address}: {why}")
                 self.connected.set()
 
@@ -472,26 +491,7 @@ class _RemoteIO(IOThread):
     }
 
     def complete(self, task: _Pending, status: int, payload: list[Any]) -> None:
-        future = task.future
-        if status == Status.CANCELLED:
-            future.cancel()  # its done callback wakes the waiters
-            return
-        if future.cancelled() or not future.set_running_or_notify_cancel():
-            return
-        try:
-            if status == Status.OK:
-                future.set_result(serialize.loads(payload))
-                return
-            if status == Status.ERROR:
-                exc = serialize.load_exception(payload)
-            else:
-                text = bytes(getattr(payload[0], "buffer", payload[0])).decode(errors="replace") \
-                    if payload else "no detail"
-                kind = WorkerLost if status == Status.LOST else ProtocolError
-                exc = kind(f"{text} (task {task.task_id}: {task.label})")
-        except BaseException as error:  # noqa: BLE001 - an unreadable result
-            exc = error
-        future.set_exception(exc)
+        exc = settle(task, status, payload)
         if isinstance(exc, InitializerFailed):
             self.break_with(exc)
 

@@ -48,6 +48,7 @@ __all__ = [
     "configure_client",
     "configure_server",
     "describe_handshake_failure",
+    "handshake_failures",
     "insecure_warning",
     "require_curve",
     "requires_keys",
@@ -143,6 +144,22 @@ def describe_handshake_failure(event: int, value: int = 0) -> str | None:
                 "probably wrong (a key file from another scheduler?), or the scheduler runs "
                 "without keys (--insecure)")
     return None
+
+
+def handshake_failures(monitor: zmq.Socket) -> list[str]:
+    """What the events waiting on a socket monitor say of failed security handshakes
+    (see describe_handshake_failure), without waiting."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    found: list[str] = []
+    while True:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return found
+        why = describe_handshake_failure(event["event"], event["value"])
+        if why is not None:
+            found.append(why)
 
 
 # -- the authenticator -------------------------------------------------------------------------
