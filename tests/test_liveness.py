@@ -66,3 +66,14 @@ def test_a_zero_window_gives_up_at_the_first_tick_after_the_loss():
 def test_a_negative_or_nan_window_is_refused(bad):
     with pytest.raises(ValueError, match="reconnect timeout"):
         ReconnectWindow(bad)
+
+
+def test_a_log_line_peers_can_provoke_is_written_once_a_second_with_a_count():
+    from farpool.log_limit import OncePerSecond
+
+    limit = OncePerSecond()
+    assert limit.passes(100.0) == 0  # the first one is written
+    assert [limit.passes(100.0 + t) for t in (0.1, 0.5, 0.99)] == [None, None, None]
+    assert limit.passes(101.0) == 3  # written, saying three were held back
+    assert limit.passes(101.5) is None
+    assert limit.passes(103.0) == 1

@@ -42,6 +42,7 @@ from . import protocol
 from .dispatch import Dispatcher, Task, plan_loss
 from .fncache import FN_CACHE_SIZE, SentFunctions
 from .liveness import heartbeat_limit
+from .log_limit import OncePerSecond
 from .protocol import ByeReason, Kind, PeerRole, Status
 
 log = logging.getLogger("farpool.scheduler")
@@ -130,33 +131,23 @@ class Scheduler:
         # RESULTS waiting to go out, per client: (entries, frames).
         self.out: dict[bytes, tuple[list[Any], list[Any]]] = {}
         self._stop = threading.Event()
-        self._last_log = 0.0
-        self._suppressed = 0
+        self.malformed_log = OncePerSecond()
         self._keys_loaded = time.monotonic()
 
         self.ctx = zmq.Context()
         self.auth = None
-        self.router = self.ctx.socket(zmq.ROUTER)
-        router = self.router
-        router.linger = 0
-        router.router_mandatory = True  # a send to a vanished peer raises, never drops silently
-        router.sndhwm = 0  # credit bounds what goes to workers; never drop a result
-        router.rcvhwm = 0
-        router.maxmsgsize = max_message_bytes
-        ms = int(heartbeat * 1000)
-        router.heartbeat_ivl = ms
-        router.heartbeat_timeout = ms * liveness
+        self.router = _router(self.ctx, heartbeat, liveness, max_message_bytes)
         try:
             if keys is not None:
                 from .security import Authenticator, configure_server
 
                 self.auth = Authenticator(self.ctx, keys.authorized).start()
-                configure_server(router, keys)
-            router.bind(address)
+                configure_server(self.router, keys)
+            self.router.bind(address)
         except BaseException:
             self.close()
             raise
-        self.address = str(router.get_string(zmq.LAST_ENDPOINT))
+        self.address = str(self.router.get_string(zmq.LAST_ENDPOINT))
         if self.address.startswith("tcp://0.0.0.0:"):
             self.address = self.address.replace("0.0.0.0", socket.gethostname(), 1)
         self.handlers = {
@@ -234,13 +225,10 @@ class Scheduler:
     def dropped(self, identity: bytes, why: str) -> None:
         """Count and log (at most once a second) a message that was not understood."""
         self.counters["malformed"] += 1
-        now = time.monotonic()
-        if now - self._last_log < 1.0:
-            self._suppressed += 1
-            return
-        more = f" (and {self._suppressed} more since)" if self._suppressed else ""
-        log.warning("dropped a malformed message from peer %s: %s%s", identity.hex(), why, more)
-        self._last_log, self._suppressed = now, 0
+        more = self.malformed_log.passes(time.monotonic())
+        if more is not None:
+            log.warning("dropped a malformed message from peer %s: %s%s", identity.hex(), why,
+                        f" (and {more} more since)" if more else "")
 
     def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         hello: protocol.Hello = msg.body[0]
@@ -402,28 +390,7 @@ class Scheduler:
                                  f"with {lost.how}", (lost.running, lost.done))
 
     def on_status(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
-        self.send(identity, protocol.encode(Kind.STATUS_REPLY, [self.status()]))
-
-    def status(self) -> dict[str, Any]:
-        d = self.dispatcher
-        workers = []
-        for worker_id, slot in d.workers.items():
-            peer = self.peers.get(worker_id)
-            owner = self.peers.get(peer.supervisor) if peer else None
-            workers.append({"id": worker_id.hex(), "pid": slot.info.get("pid"),
-                            "host": owner.name if owner else "", "slots": slot.slots,
-                            "held": len(slot.held), "retiring": slot.retiring})
-        return {
-            "session": self.session, "address": self.address,
-            "uptime": round(time.time() - self.started, 1),
-            "clients": sum(p.role == PeerRole.CLIENT for p in self.peers.values()),
-            "supervisors": [{"name": p.name, "workers": len(p.workers), "retiring": p.retiring}
-                            for p in self.peers.values() if p.role == PeerRole.SUPERVISOR],
-            "workers": workers,
-            "slots": sum(s.slots for s in d.workers.values()),
-            "queued": d.queued, "running": d.in_flight(), "done": d.done,
-            **{k: v for k, v in sorted(self.counters.items())},
-        }
+        self.send(identity, protocol.encode(Kind.STATUS_REPLY, [status_report(self)]))
 
     # -- peers leaving -------------------------------------------------------------
     def forget(self, peer: Peer, why: str, *, orderly: bool = False) -> None:
@@ -527,6 +494,43 @@ class Scheduler:
                         slot.retiring = True
                 return
             self.forget(peer, "disconnected")
+
+
+def status_report(scheduler: Scheduler) -> dict[str, Any]:
+    """What ``farpool status`` shows: the session, the peers, the workers, the counters."""
+    d = scheduler.dispatcher
+    peers = scheduler.peers
+    workers = []
+    for worker_id, slot in d.workers.items():
+        peer = peers.get(worker_id)
+        owner = peers.get(peer.supervisor) if peer else None
+        workers.append({"id": worker_id.hex(), "pid": slot.info.get("pid"),
+                        "host": owner.name if owner else "", "slots": slot.slots,
+                        "held": len(slot.held), "retiring": slot.retiring})
+    return {
+        "session": scheduler.session, "address": scheduler.address,
+        "uptime": round(time.time() - scheduler.started, 1),
+        "clients": sum(p.role == PeerRole.CLIENT for p in peers.values()),
+        "supervisors": [{"name": p.name, "workers": len(p.workers), "retiring": p.retiring}
+                        for p in peers.values() if p.role == PeerRole.SUPERVISOR],
+        "workers": workers,
+        "slots": sum(s.slots for s in d.workers.values()),
+        "queued": d.queued, "running": d.in_flight(), "done": d.done,
+        **{k: v for k, v in sorted(scheduler.counters.items())},
+    }
+
+
+def _router(ctx: zmq.Context, heartbeat: float, liveness: int, max_message_bytes: int) -> zmq.Socket:
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.router_mandatory = True  # a send to a vanished peer raises, never drops silently
+    router.sndhwm = 0  # credit bounds what goes to workers; never drop a result
+    router.rcvhwm = 0
+    router.maxmsgsize = max_message_bytes
+    ms = int(heartbeat * 1000)
+    router.heartbeat_ivl = ms
+    router.heartbeat_timeout = ms * liveness
+    return router
 
 
 def serve(address: str, *, keys: Any = None, heartbeat: float = DEFAULT_HEARTBEAT,

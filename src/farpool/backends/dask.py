@@ -96,6 +96,31 @@ class _Resources:
                 self.cluster.close()
 
 
+def _connect(distributed: Any, scheduler: str | None, workers: int | None, retries: int | None,
+             options: dict[str, Any]) -> tuple[Any, Any]:
+    """A Client of the scheduler at ``scheduler``, or of a new LocalCluster (returned too,
+    for closing) when there is none."""
+    import dask
+
+    if scheduler is not None:
+        return distributed.Client(scheduler, set_as_default=False, **options), None
+    # The scheduler runs in this process and reads allowed-failures as it starts: by
+    # default a task whose worker dies fails at once, like farpool's own pool. Its HTTP
+    # endpoint (dashboard, health) on a free local port: a second local cluster never
+    # fights over Dask's default 8787.
+    options.setdefault("dashboard_address", "127.0.0.1:0")
+    with dask.config.set({"distributed.scheduler.allowed-failures": retries or 0}):
+        cluster = distributed.LocalCluster(
+            n_workers=workers or DEFAULT_WORKERS, threads_per_worker=1, processes=True, **options)
+    try:
+        # Results come straight from the workers (on this host) instead of being relayed
+        # by the scheduler, which stays free to schedule.
+        return distributed.Client(cluster, set_as_default=False, direct_to_workers=True), cluster
+    except BaseException:
+        cluster.close()
+        raise
+
+
 class DaskBackend(EngineBackend):
     """Runs tasks on Dask; see the module docstring for the addresses and semantics.
 
@@ -111,7 +136,6 @@ class DaskBackend(EngineBackend):
                  retries: int | None = None, submit_options: dict[str, Any] | None = None,
                  **options: Any) -> None:
         distributed = _require()
-        import dask
         from dask.utils import apply, funcname
 
         workers = check_max_workers(max_workers, None)
@@ -143,27 +167,7 @@ class DaskBackend(EngineBackend):
         self._killed_worker = distributed.KilledWorker
         self._submit_options = dict(submit_options or {})
 
-        cluster = None
-        if scheduler is None:
-            # The scheduler runs in this process and reads allowed-failures as it starts:
-            # by default a task whose worker dies fails at once, like farpool's own pool.
-            # Its HTTP endpoint (dashboard, health) on a free local port: a second local
-            # cluster never fights over Dask's default 8787.
-            options.setdefault("dashboard_address", "127.0.0.1:0")
-            with dask.config.set({"distributed.scheduler.allowed-failures": retries or 0}):
-                cluster = distributed.LocalCluster(
-                    n_workers=workers or DEFAULT_WORKERS, threads_per_worker=1, processes=True,
-                    **options)
-            try:
-                # Results come straight from the workers (on this host) instead of being
-                # relayed by the scheduler, which stays free to schedule.
-                self._client = distributed.Client(cluster, set_as_default=False,
-                                                  direct_to_workers=True)
-            except BaseException:
-                cluster.close()
-                raise
-        else:
-            self._client = distributed.Client(scheduler, set_as_default=False, **options)
+        self._client, cluster = _connect(distributed, scheduler, workers, retries, options)
         self._start(_Resources(self._client, cluster))
 
     def __repr__(self) -> str:

@@ -37,6 +37,7 @@ import zmq
 from zmq.utils import z85
 
 from farpool.errors import SecurityError
+from farpool.log_limit import OncePerSecond
 from farpool.security.curve import require_curve
 from farpool.security.keys import ClusterKeys, KeyPair, _z85_key, default_key_dir
 
@@ -249,8 +250,7 @@ class Authenticator:
         self._started = threading.Event()
         self._start_error: zmq.ZMQError | None = None
         self._control = f"inproc://farpool-zap-control-{secrets.token_hex(8)}"
-        self._last_logged = float("-inf")
-        self._unlogged = 0
+        self._refusal_log = OncePerSecond()
 
     @property
     def allowed(self) -> frozenset[bytes]:
@@ -382,13 +382,10 @@ class Authenticator:
             log.debug("ZAP %s", verdict.detail)
             return
         # Throttled: a peer hammering the port must not flood the log.
-        now = time.monotonic()
-        if now - self._last_logged < 1.0:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more refused since the last report)" if self._unlogged else ""
-        log.warning("refused a connection %s%s", verdict.detail, more)
-        self._last_logged, self._unlogged = now, 0
+        more = self._refusal_log.passes(time.monotonic())
+        if more is not None:
+            log.warning("refused a connection %s%s", verdict.detail,
+                        f" ({more} more refused since the last report)" if more else "")
 
 
 # -- helpers ---------------------------------------------------------------------------------
