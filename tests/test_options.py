@@ -4,6 +4,7 @@ option names the ones the backend takes; a bad value fails as the stdlib's would
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -49,3 +50,32 @@ def test_the_drop_ins_keep_the_stdlib_errors():
         farpool.ThreadPoolExecutor(max_workers=2, bogus=1)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="max_tasks_per_child must be >= 1"):
         farpool.ProcessPoolExecutor(1, max_tasks_per_child=0)
+
+
+@pytest.mark.parametrize("scheme", ["dask", "ray"])
+def test_a_mistyped_engine_option_is_a_type_error_before_the_engine_starts(scheme):
+    # What the user sees: the option named, at once, instead of the engine's own error
+    # from deep in its start-up ("Nanny failed to start", "Unknown keyword argument").
+    pytest.importorskip("distributed" if scheme == "dask" else "ray")
+    started = time.monotonic()
+    with pytest.raises(TypeError, match="takes no option 'max_worker'.*max_workers"):
+        farpool.Executor(scheme, max_worker=2)
+    assert time.monotonic() - started < 5
+
+
+def test_options_the_engines_take_pass_the_check():
+    distributed = pytest.importorskip("distributed")
+    from distributed.core import Server
+
+    from farpool.backends.options import check_passed_on
+
+    chain = [distributed.LocalCluster.__init__, distributed.Nanny.__init__,
+             distributed.Worker.__init__, Server.__init__]
+    # One option of each step of the chain: the cluster's, the nanny's, the worker's.
+    check_passed_on("dask", {"silence_logs": 40, "memory_limit": "1GiB", "nthreads": 1,
+                             "local_directory": "/tmp"}, (), chain, "LocalCluster")
+    ray = pytest.importorskip("ray")
+    check_passed_on("ray", {"num_cpus": 1, "_temp_dir": "/tmp/x"}, (), [ray.init], "ray.init",
+                    private_ok=True)
+    with pytest.raises(TypeError, match="'num_cpu'"):
+        check_passed_on("ray", {"num_cpu": 1}, (), [ray.init], "ray.init", private_ok=True)

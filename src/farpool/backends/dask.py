@@ -46,7 +46,7 @@ from .engine import (
     remote_traceback,
     unwrap_pickling_error,
 )
-from .options import check_max_workers, check_retries
+from .options import check_max_workers, check_passed_on, check_retries
 
 __all__ = ["DaskBackend"]
 
@@ -94,6 +94,9 @@ class _Resources:
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+
+
+_OWN_OPTIONS = ("max_workers", "initializer", "initargs", "retries", "submit_options")
 
 
 def _connect(distributed: Any, scheduler: str | None, workers: int | None, retries: int | None,
@@ -167,6 +170,13 @@ class DaskBackend(EngineBackend):
         self._killed_worker = distributed.KilledWorker
         self._submit_options = dict(submit_options or {})
 
+        if scheduler is None:
+            from distributed.core import Server
+
+            check_passed_on("dask", options, _OWN_OPTIONS,
+                            [distributed.LocalCluster.__init__, distributed.Nanny.__init__,
+                             distributed.Worker.__init__, Server.__init__],
+                            "distributed.LocalCluster (and on to its Nanny and Worker)")
         self._client, cluster = _connect(distributed, scheduler, workers, retries, options)
         self._start(_Resources(self._client, cluster))
 

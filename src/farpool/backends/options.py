@@ -10,7 +10,7 @@ takes, rather than Python's bare "unexpected keyword argument".
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -47,6 +47,31 @@ def check_max_tasks_per_child(value: Any) -> None:
         raise TypeError("max_tasks_per_child must be an int")
     if value <= 0:
         raise ValueError("max_tasks_per_child must be >= 1")
+
+
+def check_passed_on(scheme: str, options: Mapping[str, Any], own: Sequence[str],
+                    chain: Sequence[Callable[..., Any]], to: str, *,
+                    private_ok: bool = False) -> None:
+    """Options a backend passes on to its engine (``chain``: the callables they reach,
+    in order, each passing its ``**kwargs`` to the next) must be ones some of them
+    takes: a ``TypeError`` naming the option now, not the engine's error from deep in
+    its start-up. Unchecked when the last callable still takes any ``**kwargs``;
+    ``private_ok``: names starting with ``_`` pass (Ray's internal options)."""
+    known: set[str] = set()
+    open_ended = False
+    for target in chain:
+        parameters = inspect.signature(target).parameters.values()
+        known.update(p.name for p in parameters if p.kind in (
+            inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    if open_ended and not private_ok:
+        return
+    unknown = sorted(name for name in options
+                     if name not in known and not (private_ok and name.startswith("_")))
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        raise TypeError(f"the {scheme!r} backend takes no option {names}: its own are "
+                        f"{', '.join(sorted(own))}, and the others go to {to}")
 
 
 def accepted_options(factory: Callable[..., Any]) -> list[str] | None:

@@ -49,7 +49,7 @@ from .engine import (
     remote_traceback,
     unwrap_pickling_error,
 )
-from .options import check_max_workers, check_retries
+from .options import check_max_workers, check_passed_on, check_retries
 
 __all__ = ["RayBackend"]
 
@@ -214,6 +214,8 @@ class RayBackend(EngineBackend):
         ray = _require()
         check_max_workers(max_workers, None)
         check_retries(retries)
+        check_passed_on("ray", init_options, ("max_workers", "initializer", "initargs", "retries",
+                                              "remote_options"), [ray.init], "ray.init", private_ok=True)
         address = address.strip()
         if address.lower() == "ray":
             address = "ray"
