@@ -632,3 +632,44 @@ def test_shutdown_cancels_queued_tasks_but_keeps_some_for_starting_workers():
     d.cancel_for_shutdown(2, cancel)
     assert cancelled == [3, 5]
     assert ids(d.take_all(held=False)) == [1, 2, 4] and d.queued == 0
+
+
+def test_short_tasks_are_not_prefetched_behind_a_long_running_task():
+    # One worker is in a long task (here, of a function never timed: a time.sleep(2)),
+    # the other is idle: the short tasks all go to the idle one, none waits behind
+    # the busy one.
+    d = Dispatcher()
+    timed(d, SHORT, PREFETCH_WINDOW / 4)
+    d.add_worker(b"busy", slots=1)
+    d.add_worker(b"idle", slots=1)
+    d.submit(task(0, fn_key=NEW))
+    assert batches(d) == {b"busy": [0]}
+    for i in range(1, 11):
+        d.submit(task(i, fn_key=SHORT))
+    assert batches(d) == {b"idle": [1, 2, 3, 4, 5]}  # its free slot and four ahead
+    assert d.queued == 5
+    assert batches(d) == {}  # still nothing for the busy worker
+    # A known-slow running task holds prefetch back the same way.
+    timed(d, SLOW, NO_PREFETCH_ABOVE * 100)
+    d2 = Dispatcher()
+    d2.fn_seconds.update(d.fn_seconds)
+    d2.add_worker(b"w", slots=1)
+    d2.submit(task(20, fn_key=SLOW))
+    for i in range(21, 25):
+        d2.submit(task(i, fn_key=SHORT))
+    assert batches(d2) == {b"w": [20]}
+    assert d2.queued == 4
+    # Once its long task is done, the worker takes short tasks ahead again.
+    d2.finished(b"w", 20, NO_PREFETCH_ABOVE * 100)
+    assert batches(d2) == {b"w": [21, 22, 23, 24]}
+
+
+def test_a_worker_running_a_short_task_keeps_its_prefetch():
+    d = Dispatcher()
+    timed(d, SHORT, PREFETCH_WINDOW / 4)
+    d.add_worker(b"w", slots=1)
+    for i in range(10):
+        d.submit(task(i, fn_key=SHORT))
+    assert batches(d) == {b"w": [0, 1, 2, 3, 4]}
+    d.finished(b"w", 0, PREFETCH_WINDOW / 4)
+    assert batches(d) == {b"w": [5]}  # back to one running and four ahead

@@ -235,3 +235,36 @@ def test_a_thread_task_cancelled_while_queued_gives_its_worker_back():
 
 def identity(x):
     return x
+
+
+def worker_pid(_):
+    import os
+
+    return os.getpid()
+
+
+def wait_for_file(path):
+    import os
+
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    import os as _os
+
+    return _os.getpid()
+
+
+def test_short_tasks_do_not_wait_behind_a_worker_in_a_long_task(tmp_path):
+    # One of two workers is held in a long task; a map of 400 short tasks (their
+    # function timed short by a warm-up) runs on the other worker, none queued behind
+    # the busy one. (The prefetch for short functions used to go to every worker.)
+    flag = tmp_path / "release"
+    with farpool.ProcessPoolExecutor(max_workers=2) as ex:
+        assert len({ex.submit(worker_pid, i).result(timeout=30) for i in range(50)}) >= 1
+        busy = ex.submit(wait_for_file, str(flag))
+        time.sleep(0.2)  # it has started on one worker
+        pids = list(ex.map(worker_pid, range(400), timeout=30))
+        assert not busy.done()  # the whole map ran while it was held
+        flag.touch()
+        busy_pid = busy.result(timeout=30)
+        assert busy_pid not in pids

@@ -7,6 +7,8 @@ function; prefetch only ever takes tasks of functions measured to be short (abou
 ``PREFETCH_WINDOW`` seconds of work in all), so short tasks stream without a round
 trip each, while a task of a slow or never-timed function is only handed to a
 worker with a free slot: it never waits behind another task while a worker idles.
+Nor is anything prefetched to a worker running a long or never-timed task: short
+tasks would wait behind it while another worker idles.
 
 Fairness: each client has its own queue, and dispatch takes from them in turn, so a
 client's 100,000-task map does not starve another client's single task.
@@ -177,6 +179,18 @@ class Dispatcher:
         ema = self.fn_seconds.get(fn_key)
         return ema is not None and ema <= NO_PREFETCH_ABOVE
 
+    def busy_with_short(self, worker: WorkerSlot) -> bool:
+        """Whether what ``worker`` runs now is known to be short (or it runs nothing):
+        only then may tasks wait on it, prefetched. A worker in a long or never-timed
+        task gets none: short tasks queued behind it would wait while another idles."""
+        short = self.short
+        for running, task in enumerate(worker.held.values()):
+            if running >= worker.slots:
+                return True  # the rest were prefetched: short by construction
+            if not short(task.fn_key):
+                return False
+        return True
+
     def prefetch(self) -> int:
         """How many tasks a worker may hold beyond its slots, judged by the next task."""
         for queue in self.queues.values():
@@ -193,7 +207,7 @@ class Dispatcher:
             return
         prefetch = self.prefetch()
         for worker in list(self.workers.values()):
-            room = worker.credit(prefetch)
+            room = worker.credit(prefetch if prefetch and self.busy_with_short(worker) else 0)
             if not room:
                 continue
             free = min(room, max(0, worker.slots - len(worker.held)))

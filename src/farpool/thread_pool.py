@@ -84,10 +84,11 @@ class ThreadPool(LocalPool):
 
     def _make_task(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                    future: Future) -> Task:
-        """Threads share memory: the call rides in fn_blob, never pickled."""
+        """Threads share memory: the call rides in fn_blob, never pickled. The function's
+        identity is its key, so the dispatcher times each function on its own."""
         self.check_usable()
-        return Task(next(self._ids), b"-", (fn, args, kwargs), _NO_FRAMES, b"", task_label(fn), 0, False,
-                    future)
+        return Task(next(self._ids), id(fn).to_bytes(8, "little"), (fn, args, kwargs), _NO_FRAMES,
+                    b"", task_label(fn), 0, False, future)
 
     def worker_threads(self) -> set[threading.Thread]:
         return set(self._io.threads.values())
