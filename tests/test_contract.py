@@ -259,6 +259,34 @@ def test_unpicklable_result_fails_that_future_only(executor, address):
     assert executor.submit(square, 3).result(timeout=30) == 9
 
 
+class _RebuildsBadly:
+    def __reduce__(self):
+        return (_refuse_to_rebuild, ())
+
+
+def _refuse_to_rebuild():
+    raise ValueError("cannot rebuild this object here")
+
+
+def return_rebuilds_badly(in_pid):
+    # Pickles fine; rebuilding it fails, but only outside the worker that made it.
+    return _RebuildsBadly() if os.getpid() != in_pid else None
+
+
+def test_a_result_that_cannot_be_unpickled_is_unpickling_failed(executor, address):
+    # What the user sees: an UnpicklingFailed (a BrokenProcessPool, as the stdlib's
+    # error for it) naming the task and saying why, with the cause attached.
+    if address == "threads" or address.startswith(("dask", "ray")):
+        pytest.skip("threads pass results by reference; the engines unpickle themselves")
+    if address == "inline":
+        pytest.skip("inline runs in the caller's process: nothing to tell apart")
+    fut = executor.submit(return_rebuilds_badly, os.getpid())
+    with pytest.raises(farpool.UnpicklingFailed, match="result of task .*cannot rebuild"):
+        fut.result(timeout=30)
+    assert isinstance(fut.exception(), cf.process.BrokenProcessPool)
+    assert executor.submit(square, 3).result(timeout=30) == 9
+
+
 def test_unpicklable_argument_fails_that_future_only(executor, address):
     if address == "threads":
         pytest.skip("threads pass arguments by reference: nothing is pickled")

@@ -47,6 +47,7 @@ from ..errors import (
     SecurityError,
     VersionMismatch,
     WorkerLost,
+    unpickling_failed,
 )
 from ..futures import new_future
 from ..initializer import InitializedCall, InitSpec
@@ -83,7 +84,8 @@ def settle(task: _Pending, status: int, payload: list[Any]) -> BaseException | N
             kind = WorkerLost if status == Status.LOST else ProtocolError
             exc = kind(f"{text} (task {task.task_id}: {task.label})")
     except BaseException as error:  # noqa: BLE001 - an unreadable result
-        exc = error
+        what = "result" if status == Status.OK else "exception"
+        exc = unpickling_failed(f"the {what} of task {task.task_id} ({task.label})", error)
     future.set_exception(exc)
     return exc
 
