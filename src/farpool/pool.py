@@ -178,7 +178,7 @@ class PoolIO(IOThread):
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
-        self.router.router_mandatory = True
+        self.router.router_mandatory = True  # a send to a worker gone raises: see send
         self.router.bind(address)
         self.router_fd = int(self.router.get(zmq.FD))
         self.started = threading.Event()
@@ -332,7 +332,7 @@ class PoolIO(IOThread):
         while inbox:
             task = inbox.popleft()
             if self.broken is not None:
-                self.fail(task, self.broken_type(str(self.broken)))
+                self.sink.fail(task, self.broken_type(str(self.broken)))
             else:
                 submit(task)
         if self.cancel_pending:
@@ -421,9 +421,6 @@ class PoolIO(IOThread):
             # An ordinary heal, not news: the worker's death fails or requeues its tasks.
             log.debug("could not send to worker %r: %s", worker.worker_id, exc)
 
-    def fail(self, task: Task, exc: BaseException) -> None:
-        self.sink.fail(task, exc)
-
     def break_pool(self, message: str) -> None:
         """Fail every pending future; later submits raise the same error."""
         if self.broken is not None:
@@ -434,9 +431,9 @@ class PoolIO(IOThread):
     def fail_pending(self, message: str, held: bool = True) -> None:
         """Fail queued tasks, and with ``held`` the tasks workers hold."""
         while self.inbox:
-            self.fail(self.inbox.popleft(), self.broken_type(message))
+            self.sink.fail(self.inbox.popleft(), self.broken_type(message))
         for task in self.dispatcher.take_all(held):
-            self.fail(task, self.broken_type(message))
+            self.sink.fail(task, self.broken_type(message))
 
     def cleanup(self) -> None:
         """Stop workers in order: ask, wait, then end them; then free sockets."""

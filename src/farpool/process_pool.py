@@ -236,11 +236,11 @@ class ProcessPoolIO(PoolIO):
         how = describe_exit(code)
         plan = plan_loss(held, proc.running_and_done(), lambda _task: self.retries)
         for task in plan.failed_running:
-            self.fail(task, WorkerLost(
+            self.sink.fail(task, WorkerLost(
                 f"worker process {proc.pid} died with {how} while running task "
                 f"{task.task_id} ({task.label})"))
         for task in plan.failed_unreported:
-            self.fail(task, WorkerLost(
+            self.sink.fail(task, WorkerLost(
                 f"worker process {proc.pid} died with {how} before it reported the "
                 f"result of task {task.task_id} ({task.label})"))
         # Never started (or retried): they run on another worker, invisibly to the caller.

@@ -82,6 +82,24 @@ class ClientFunctions:
             self._blobs.move_to_end(key)
         return blob
 
+    def resolve(self, entry: protocol.TaskEntry, payload: list[Any]) -> tuple[Any, list[Any]] | str:
+        """The function blob and argument frames of one task a client sent, or why it
+        is rejected. A blob that rides along is kept (the client's cache has it now)."""
+        if entry.fn_frames:
+            blob = payload[0]
+            # Keys name blobs by content, so workers share them across clients; a key
+            # that is not its blob's digest would run one client's function in place
+            # of another's.
+            if hashlib.blake2b(_buffer(blob), digest_size=16).digest() != entry.fn_key:
+                return "the function key is not the digest of its blob"
+            self.put(entry.fn_key, blob)
+        else:
+            blob = self.get(entry.fn_key)
+            if blob is None:
+                return ("the scheduler does not hold this task's function "
+                        "(client and scheduler caches disagree)")
+        return blob, payload[entry.fn_frames:]
+
 
 @dataclass(eq=False)
 class Peer:
@@ -233,15 +251,11 @@ class Scheduler:
     def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         hello: protocol.Hello = msg.body[0]
         info = hello.info
-        role = hello.role
-        conflicts = protocol.version_conflicts(protocol.version_info(), info)
-        if conflicts:
-            self.refuse(identity, "incompatible versions: " + "; ".join(conflicts))
+        refusal = refusal_of(hello)
+        if refusal is not None:
+            self.refuse(identity, refusal)
             return
-        if not isinstance(role, str) or role not in _ROLES:
-            self.refuse(identity, f"unknown role {role!r}")
-            return
-        role = PeerRole(role)
+        role = PeerRole(hello.role)
         if peer is not None:
             self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
         peer = Peer(identity, role, info)
@@ -282,26 +296,14 @@ class Scheduler:
             raise protocol.ProtocolError(f"TASKS from a {peer.role}")
         rejected: list[tuple[int, str]] = []
         for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
-            if entry.fn_frames:
-                blob = payload[0]
-                # Keys name blobs by content, so workers share them across clients; a
-                # key that is not its blob's digest would run one client's function
-                # in place of another's.
-                if hashlib.blake2b(_buffer(blob), digest_size=16).digest() != entry.fn_key:
-                    rejected.append((entry.task_id, "the function key is not the digest of its blob"))
-                    continue
-                peer.fns.put(entry.fn_key, blob)
-            else:
-                blob = peer.fns.get(entry.fn_key)
-            args = payload[entry.fn_frames:]
-            if blob is None:
-                rejected.append((entry.task_id, "the scheduler does not hold this task's function "
-                                                 "(client and scheduler caches disagree)"))
+            resolved = peer.fns.resolve(entry, payload)
+            if isinstance(resolved, str):
+                rejected.append((entry.task_id, resolved))
                 continue
-            old = peer.tasks.get(entry.task_id)
-            if old is not None:
+            if entry.task_id in peer.tasks:
                 rejected.append((entry.task_id, "task id already in use"))
                 continue
+            blob, args = resolved
             task = Task(next(self.task_ids), entry.fn_key, blob, args, client=identity,
                         context=(identity, peer.epoch, entry.task_id))
             peer.tasks[entry.task_id] = task
@@ -494,6 +496,17 @@ class Scheduler:
                         slot.retiring = True
                 return
             self.forget(peer, "disconnected")
+
+
+def refusal_of(hello: protocol.Hello) -> str | None:
+    """Why a HELLO is refused (versions that cannot read each other's payloads, a role
+    that is none of the three), or None."""
+    conflicts = protocol.version_conflicts(protocol.version_info(), hello.info)
+    if conflicts:
+        return "incompatible versions: " + "; ".join(conflicts)
+    if not isinstance(hello.role, str) or hello.role not in _ROLES:
+        return f"unknown role {hello.role!r}"
+    return None
 
 
 def status_report(scheduler: Scheduler) -> dict[str, Any]:

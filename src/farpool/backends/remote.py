@@ -225,6 +225,31 @@ class RemoteBackend:
         return {"pending": unfinished, "unfinished": unfinished, "connected": self._io.welcomed}
 
 
+def _connect(ctx: zmq.Context, address: str, heartbeat: float,
+             curve: Any) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """The DEALER to the scheduler, and with CURVE a monitor of its handshakes (to turn
+    a refused key into an error instead of silence)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 1000
+    sock.identity = b"c" + secrets.token_hex(8).encode()
+    sock.sndhwm = sock.rcvhwm = 0
+    sock.maxmsgsize = protocol.DEFAULT_MAX_MESSAGE_BYTES
+    ms = int(heartbeat * 1000)
+    sock.heartbeat_ivl = ms
+    sock.heartbeat_timeout = ms * LIVENESS
+    monitor = None
+    if curve is not None:
+        from ..security import configure_client
+
+        server_public, pair = curve
+        configure_client(sock, pair, server_public)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    sock.connect(address)
+    return sock, monitor
+
+
 class _RemoteIO(IOThread):
     """The I/O thread's state: the socket, the unfinished tasks, reconnection."""
 
@@ -250,24 +275,7 @@ class _RemoteIO(IOThread):
         self.connected = threading.Event()
 
         self.ctx = zmq.Context()
-        sock = self.sock = self.ctx.socket(zmq.DEALER)
-        sock.linger = 1000
-        sock.identity = b"c" + secrets.token_hex(8).encode()
-        sock.sndhwm = sock.rcvhwm = 0
-        sock.maxmsgsize = protocol.DEFAULT_MAX_MESSAGE_BYTES
-        ms = int(heartbeat * 1000)
-        sock.heartbeat_ivl = ms
-        sock.heartbeat_timeout = ms * LIVENESS
-        self.monitor = None
-        if curve is not None:
-            from ..security import configure_client
-
-            server_public, pair = curve
-            configure_client(sock, pair, server_public)
-            self.monitor = sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-        sock.connect(address)
+        self.sock, self.monitor = _connect(self.ctx, address, heartbeat, curve)
 
     # -- caller side ---------------------------------------------------------------
     def start(self, connect_timeout: float) -> None:
