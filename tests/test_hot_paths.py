@@ -249,9 +249,7 @@ def wait_for_file(path):
     deadline = time.monotonic() + 30
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
-    import os as _os
-
-    return _os.getpid()
+    return os.getpid()
 
 
 def test_short_tasks_do_not_wait_behind_a_worker_in_a_long_task(tmp_path):
@@ -268,3 +266,19 @@ def test_short_tasks_do_not_wait_behind_a_worker_in_a_long_task(tmp_path):
         flag.touch()
         busy_pid = busy.result(timeout=30)
         assert busy_pid not in pids
+
+
+def test_a_process_task_after_a_cancelled_one_still_runs(tmp_path):
+    # One worker process, held; two tasks queue behind it and the first is cancelled.
+    # When the worker is free, the dispatcher hands it the cancelled task, which is
+    # taken back as it goes out: the task behind it must go out in the same turn,
+    # not wait for something else to wake the pool.
+    flag = tmp_path / "release"
+    with farpool.ProcessPoolExecutor(max_workers=1) as ex:
+        assert ex.submit(identity, 1).result(timeout=30) == 1
+        blocker = ex.submit(wait_for_file, str(flag))
+        cancelled = ex.submit(identity, "cancelled")
+        after = ex.submit(worker_pid, "after")
+        assert cancelled.cancel()
+        flag.touch()
+        assert blocker.result(timeout=30) == after.result(timeout=30)

@@ -194,8 +194,9 @@ class PoolIO(IOThread):
         """A HELLO from ``worker_id``: count it; False if it is not a worker of ours."""
         raise NotImplementedError
 
-    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
-        """Send ``worker`` the tasks the dispatcher gave it."""
+    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> bool:
+        """Send ``worker`` the tasks the dispatcher gave it; True if some were cancelled
+        meanwhile and taken back (their place on the worker is free again)."""
         raise NotImplementedError
 
     def pending_starts(self) -> int:
@@ -406,13 +407,20 @@ class PoolIO(IOThread):
         if protocol.bye_reason(msg.body[0]) is ByeReason.INITIALIZER_FAILED:
             self.break_pool(_INIT_FAILED.format(kind=self.kind))
             return
-        # A retiring worker answered everything before its BYE.
-        for task in self.dispatcher.remove_worker(worker_id):
-            self.dispatcher.submit(task, front=True)
+        # A retiring worker answered everything before its BYE: what it still held
+        # (prefetched) never started, and goes back to the head, in order.
+        self.dispatcher.requeue(self.dispatcher.remove_worker(worker_id))
 
     def dispatch(self) -> None:
-        for worker, batch in self.dispatcher.assign():
-            self.send_batch(worker, batch)
+        # Tasks cancelled while queued are taken back as they go out, and their place
+        # on the worker with them: hand out again until a round sends all it assigns
+        # (each round drops at least one cancelled task, so this ends). Else a task
+        # behind a cancelled one waits, a worker idle, until something else happens.
+        again = True
+        while again and self.dispatcher.queued:
+            again = False
+            for worker, batch in self.dispatcher.assign():
+                again = self.send_batch(worker, batch) or again
 
     def send(self, worker: WorkerSlot, msg: list[Any]) -> None:
         try:

@@ -153,7 +153,7 @@ class ProcessPoolIO(PoolIO):
         self.sent_fns[worker_id] = serialize.SentFunctions()
         return True
 
-    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
+    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> bool:
         """Each function's pickle goes only the first time this worker sees it."""
         going = []
         for task in batch:
@@ -164,6 +164,7 @@ class ProcessPoolIO(PoolIO):
         if going:
             needs = self.sent_fns[worker.worker_id].needs
             self.send(worker, protocol.encode_tasks(going, needs))
+        return len(going) < len(batch)
 
     def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
         finished = self.dispatcher.finished

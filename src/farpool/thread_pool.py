@@ -282,7 +282,7 @@ class ThreadPoolIO(PoolIO):
                     and all(w.held for w in dispatcher.workers.values())):
                 self.spawn_thread()
 
-    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> None:
+    def send_batch(self, worker: WorkerSlot, batch: list[Task]) -> bool:
         """The calls wait in ``shared_calls`` and the message names them by task id,
         in one frame (see WorkerLoop's one_frame)."""
         entries: list[list[Any]] = []
@@ -302,7 +302,7 @@ class ThreadPoolIO(PoolIO):
             entries.append([task.task_id, b"-", 0, 0])
             sent.append(task)
         if not entries:
-            return
+            return True
         self.send(worker, protocol.encode(_TASKS, [entries]))
         # After the send, while the worker wakes up: the worker holds the future now,
         # until it has completed it; the task only needs it to fail it should the
@@ -311,6 +311,7 @@ class ThreadPoolIO(PoolIO):
         for task in sent:
             task.fn_blob = None
             task.context = weakref.ref(task.context)
+        return len(sent) < len(batch)
 
     def cleanup(self) -> None:
         self.stop_threads.set()
