@@ -49,10 +49,12 @@ class InitSpec(NamedTuple):
     blob: bytes
 
     @classmethod
-    def create(cls, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> InitSpec:
-        import cloudpickle  # a farpool dependency; imported late to keep workers light
+    def create(cls, initializer: Callable[..., Any], initargs: tuple[Any, ...], *,
+               main: Any = None) -> InitSpec:
+        """``main`` as for ``serialize.dumps``."""
+        from . import serialize  # late: workers never create one
 
-        return cls(uuid.uuid4().hex, cloudpickle.dumps((initializer, tuple(initargs)), protocol=5))
+        return cls(uuid.uuid4().hex, serialize.dumps_whole((initializer, tuple(initargs)), main=main))
 
 
 # token -> None once the initializer ran, or its formatted error. Per worker process.

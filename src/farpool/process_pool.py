@@ -33,6 +33,7 @@ from . import protocol, serialize
 from .dispatch import Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, WorkerLost
 from .futures import new_future
+from .main_script import MainRef, client_script
 from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind
 from .respawn import StartFailures
@@ -49,11 +50,14 @@ class ProcessPool(LocalPool):
                  initargs: tuple[Any, ...], max_tasks_per_child: int | None = None,
                  retries: int = 0) -> None:
         refuse_after_exit()
-        self._pickle_fn = serialize.FunctionPickler()
+        # The workers have the main script as __main__ (see main_script).
+        script = client_script()
+        self._main = MainRef(script, True) if script is not None else None
+        self._pickle_fn = serialize.FunctionPickler(main=self._main)
         self._pickle_lock = threading.Lock()
         super().__init__(ProcessPoolIO(max_workers=max_workers, initializer=initializer,
                                        initargs=initargs, max_tasks=max_tasks_per_child,
-                                       retries=retries))
+                                       retries=retries, main=self._main))
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
         future: Future = new_future()
@@ -94,7 +98,7 @@ class ProcessPool(LocalPool):
             elif isinstance(fn_pickle, BaseException):
                 raise fn_pickle
             key, blob = fn_pickle
-            frames = serialize.dumps_args(args, kwargs)
+            frames = serialize.dumps_args(args, kwargs, main=self._main)
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
@@ -109,10 +113,11 @@ class ProcessPoolIO(PoolIO):
     fail_held_on_break = True
 
     def __init__(self, *, max_workers: int, initializer: Any, initargs: tuple[Any, ...],
-                 max_tasks: int | None, retries: int) -> None:
+                 max_tasks: int | None, retries: int, main: MainRef | None = None) -> None:
         # Before any pipe, socket or thread exists: initargs that do not pickle fail
         # the constructor without leaving anything behind.
-        self.init_blob, self.init_fds = pickle_initializer(initializer, initargs)
+        self.init_blob, self.init_fds = pickle_initializer(initializer, initargs, main=main)
+        self.main_script = main.script if main is not None else None
         self.runtime_dir = tempfile.mkdtemp(prefix="farpool-")
         try:
             super().__init__(address=f"ipc://{self.runtime_dir}/pool", max_workers=max_workers,
@@ -136,7 +141,8 @@ class ProcessPoolIO(PoolIO):
         self.starting += 1
         proc = spawn_worker(worker_id, self.address, self.runtime_dir,
                             max_tasks=self.max_tasks, init_blob=self.init_blob,
-                            inherit_fds=self.init_fds)
+                            inherit_fds=self.init_fds,
+                            extra={"main": tuple(self.main_script)} if self.main_script else None)
         self.procs[worker_id] = proc
         self.poller.register(proc.fileno(), zmq.POLLIN)
 

@@ -33,6 +33,7 @@ from typing import Any
 import cloudpickle
 
 from .fncache import FN_CACHE_SIZE, SentFunctions  # noqa: F401 - re-exported for senders
+from .main_script import MainRef, main_reference
 
 # Buffers below this size are cheaper inside the pickle stream than as a frame.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
@@ -51,25 +52,49 @@ def _code_reduce(code: types.CodeType) -> Any:
 
 
 class Pickler(cloudpickle.Pickler):
-    """cloudpickle's pickler, except that code pickled by value (a lambda, a closure, a
-    ``__main__`` function) keeps its file name, where cloudpickle writes
-    ``<dynamic-code>``: a worker's traceback then names the file and shows the source
-    line, as with the stdlib's process pool."""
+    """cloudpickle's pickler, except that:
+
+    - with ``main``, what the main script defines pickles as a name, not by value
+      (see ``main_script``: the workers have the script as a module);
+    - code pickled by value (a lambda, a closure) keeps its file name, where
+      cloudpickle writes ``<dynamic-code>``: a worker's traceback then names the file
+      and shows the source line, as with the stdlib's process pool.
+    """
 
     if _cloudpickle_code_reduce is not None:
         dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
 
+    def __init__(self, file: Any, *args: Any, main: MainRef | None = None, **kwargs: Any) -> None:
+        super().__init__(file, *args, **kwargs)
+        self.main = main
 
-def _cloudpickle(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
+    def reducer_override(self, obj: Any) -> Any:
+        if self.main is not None and (type(obj) is types.FunctionType or isinstance(obj, type)):
+            reduced = main_reference(obj, self.main)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+def _cloudpickle(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None,
+                 main: MainRef | None = None) -> bytes:
     with io.BytesIO() as file:
-        Pickler(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        Pickler(file, protocol=5, buffer_callback=buffer_callback, main=main).dump(obj)
         return file.getvalue()
+
+
+def dumps_whole(obj: Any, *, main: MainRef | None = None) -> bytes:
+    """``obj`` as one pickle, buffers inside (for what travels nested in another)."""
+    return _cloudpickle(obj, main=main)
+
+
 _EMPTY_ARGS = pickle.dumps(((), {}), protocol=5)
 
 
-def dumps(obj: Any, *, chunked: bool = False) -> list[Any]:
+def dumps(obj: Any, *, chunked: bool = False, main: MainRef | None = None) -> list[Any]:
     """Pickle ``obj`` into frames: [stream, *out_of_band_buffers]; with ``chunked``,
-    buffers above CHUNK_MIN_BYTES go as chunks after a layout frame."""
+    buffers above CHUNK_MIN_BYTES go as chunks after a layout frame; ``main`` says how
+    to name what the main script defines (None: by value)."""
     if type(obj) in _SIMPLE_TYPES:
         # The same bytes as cloudpickle's, without setting up its pickler (~5x faster).
         return [pickle.dumps(obj, protocol=5)]
@@ -83,7 +108,7 @@ def dumps(obj: Any, *, chunked: bool = False) -> list[Any]:
         buffers.append(buf)
         return False
 
-    stream = _cloudpickle(obj, collect)
+    stream = _cloudpickle(obj, collect, main)
     views = [b.raw() for b in buffers]
     if not chunked or not any(v.nbytes > CHUNK_MIN_BYTES for v in views):
         return [stream, *views]
@@ -96,14 +121,15 @@ def dumps(obj: Any, *, chunked: bool = False) -> list[Any]:
     return [_LAYOUT + struct.pack(f"<{len(counts)}I", *counts), stream, *chunks]
 
 
-def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], *, chunked: bool = False) -> list[Any]:
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], *, chunked: bool = False,
+               main: MainRef | None = None) -> list[Any]:
     """Frames for a call's arguments, with a fast path for plain scalars."""
     if not kwargs:
         if not args:
             return [_EMPTY_ARGS]
         if all(type(a) in _SIMPLE_TYPES for a in args):
             return [pickle.dumps((args, kwargs), protocol=5)]
-    return dumps((args, kwargs), chunked=chunked)
+    return dumps((args, kwargs), chunked=chunked, main=main)
 
 
 def loads(frames: list[Any]) -> Any:
@@ -144,13 +170,13 @@ def _load_chunked(layout: Any, frames: list[Any]) -> Any:
     return pickle.loads(getattr(stream, "buffer", stream), buffers=buffers)
 
 
-def _pickles_by_reference(fn: Any) -> bool:
+def _pickles_by_reference(fn: Any, main: MainRef | None = None) -> bool:
     """True when ``fn`` pickles as a plain import path, so its pickle never changes."""
     if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
         return False
     module_name = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
-    if not module_name or module_name == "__main__" or "<" in qualname:
+    if not module_name or "<" in qualname or (module_name == "__main__" and main is None):
         return False
     by_value = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
     if any(module_name == m or module_name.startswith(m + ".") for m in by_value):
@@ -171,12 +197,14 @@ class FunctionPickler:
     names, closure cells, defaults, attributes, and the functions it calls that are
     pickled by value too) is the very same immutable objects as when it was pickled.
     Anything mutable in there, or anything rebound since, means a fresh pickle.
+    ``main`` as for ``dumps``.
     """
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, *, main: MainRef | None = None) -> None:
         self._by_ref: OrderedDict[int, tuple[Any, bytes, bytes]] = OrderedDict()
         self._by_value: OrderedDict[int, tuple[list[Any], bytes, bytes]] = OrderedDict()
         self._capacity = capacity
+        self._main = main
 
     def __call__(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         """Return ``(fn_key, blob)`` for ``fn``."""
@@ -193,9 +221,9 @@ class FunctionPickler:
                 return old[1], old[2]
         import hashlib  # here: worker processes never need it (start-up time)
 
-        blob = _cloudpickle(fn)
+        blob = _cloudpickle(fn, main=self._main)
         key = hashlib.blake2b(blob, digest_size=16).digest()
-        if _pickles_by_reference(fn):
+        if _pickles_by_reference(fn, self._main):
             # Holding fn keeps its id from being reused by another object.
             self._keep(self._by_ref, ident, (fn, key, blob))
         elif captured is not None:

@@ -117,7 +117,8 @@ class _Spawning:
         return fd
 
 
-def pickle_initializer(initializer: Any, initargs: tuple[Any, ...]) -> tuple[bytes, tuple[int, ...]]:
+def pickle_initializer(initializer: Any, initargs: tuple[Any, ...], *,
+                       main: Any = None) -> tuple[bytes, tuple[int, ...]]:
     """Pickle a pool's initializer and initargs for its worker processes.
 
     As with the stdlib's pools started by spawn or forkserver, initargs may hold
@@ -144,7 +145,7 @@ def pickle_initializer(initializer: Any, initargs: tuple[Any, ...]) -> tuple[byt
     # A stand-in for the Popen, which collects the fds the pickling hands it.
     context.set_spawning_popen(spawning)  # type: ignore[arg-type]
     try:
-        Pickler(buf, protocol=5).dump((initializer, initargs))
+        Pickler(buf, protocol=5, main=main).dump((initializer, initargs))
     finally:
         context.set_spawning_popen(None)
     return buf.getvalue(), tuple(dict.fromkeys(spawning.fds))

@@ -443,6 +443,10 @@ def _process_main() -> int:
         import multiprocessing.process
 
         multiprocessing.process.current_process().authkey = config["authkey"]
+    if config.get("main"):  # before the initializer, which may be the script's
+        from .main_script import MainScript, install_local
+
+        install_local(MainScript(*config["main"]))
     try:
         initializer, initargs = pickle.loads(config["initializer"])
     except BaseException:  # noqa: BLE001

@@ -53,6 +53,7 @@ from ..futures import new_future
 from ..initializer import InitializedCall, InitSpec
 from ..io_thread import IOThread
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
+from ..main_script import MainRef, client_script, with_main
 from ..protocol import ByeReason, Kind, PeerRole, Status
 from .options import check_initializer, check_max_workers, check_retries
 
@@ -143,9 +144,14 @@ class RemoteBackend:
             raise ValueError(f"not a scheduler address: {address!r} (use tcp://HOST:PORT or ipc:///PATH)")
         self._chunked = address.startswith("tcp://")  # see serialize: pays off when encrypted
         self._ids = itertools.count(1)
-        self._pickle_fn = serialize.FunctionPickler()
+        # Each function blob carries the main script, which the shared workers make a
+        # module of its own (see main_script).
+        self._script = client_script()
+        self._main = MainRef(self._script, False) if self._script is not None else None
+        self._pickle_fn = serialize.FunctionPickler(main=self._main)
         self._pickle_lock = threading.Lock()
-        self._init = InitSpec.create(initializer, initargs) if initializer is not None else None
+        self._init = (InitSpec.create(initializer, initargs, main=self._main)
+                      if initializer is not None else None)
         self._wrapped: dict[bytes, tuple[bytes, bytes]] = {}
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
                              reconnect_timeout=float(reconnect_timeout))
@@ -187,11 +193,16 @@ class RemoteBackend:
     def _pickle(self, fn: Any) -> tuple[bytes, bytes]:
         with self._pickle_lock:
             key, blob = self._pickle_fn(fn)
-            if self._init is None:
+            if self._init is None and self._script is None:
                 return key, blob
             hit = self._wrapped.get(key)
             if hit is None:
-                wrapped = pickle.dumps(InitializedCall(self._init, blob), protocol=5)
+                if self._init is None:
+                    wrapped = blob
+                else:
+                    wrapped = pickle.dumps(InitializedCall(self._init, blob), protocol=5)
+                if self._script is not None:
+                    wrapped = with_main(self._script, wrapped)
                 hit = (hashlib.blake2b(wrapped, digest_size=16).digest(), wrapped)
                 if len(self._wrapped) > 1024:
                     self._wrapped.clear()
@@ -209,7 +220,7 @@ class RemoteBackend:
             elif isinstance(fn_pickle, BaseException):
                 raise fn_pickle
             key, blob = fn_pickle
-            frames = serialize.dumps_args(args, kwargs, chunked=self._chunked)
+            frames = serialize.dumps_args(args, kwargs, chunked=self._chunked, main=self._main)
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
