@@ -168,6 +168,25 @@ def test_map_buffersize_bounds_in_flight(executor):
     it.close()
 
 
+def test_map_goes_through_a_replaced_submit(executor):
+    # As the stdlib's map: a wrapper that patches submit (tqdm's progress bars do)
+    # sees every call, with buffersize too. Before, map bypassed it: tqdm's
+    # thread_map bar stayed at 0 of 200.
+    seen = []
+    submit = executor.submit
+
+    def counting_submit(fn, *args, **kwargs):
+        seen.append(args)
+        return submit(fn, *args, **kwargs)
+
+    executor.submit = counting_submit
+    assert list(executor.map(square, range(50))) == [x * x for x in range(50)]
+    assert len(seen) == 50
+    it = executor.map(square, range(10), buffersize=3)
+    assert list(it) == [x * x for x in range(10)]
+    assert len(seen) == 60
+
+
 def test_result_timeout(executor, address):
     if address == "inline":
         pytest.skip("inline completes at submit time")

@@ -185,3 +185,65 @@ def test_a_failed_thread_initializer_lets_tasks_already_running_finish(monkeypat
         finally:
             ex.shutdown()
     assert crashes == []  # no worker thread died of an exception
+
+
+def test_the_drop_ins_are_the_stdlib_classes_for_isinstance_and_asyncio():
+    # Libraries check isinstance(ex, concurrent.futures.ThreadPoolExecutor), and
+    # asyncio's set_default_executor refuses anything else (TypeError before).
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(farpool.ThreadPoolExecutor(2))
+        return await loop.run_in_executor(None, pow, 2, 8)
+
+    assert asyncio.run(main()) == 256
+    with farpool.ProcessPoolExecutor(1) as ex:
+        assert isinstance(ex, cf.ProcessPoolExecutor)
+        assert ex.submit(pow, 3, 3).result(timeout=30) == 27
+    with farpool.ThreadPoolExecutor(1) as ex:
+        assert isinstance(ex, cf.ThreadPoolExecutor)
+        assert not isinstance(ex, cf.ProcessPoolExecutor)
+
+
+def test_process_pool_follows_farpool_address_to_other_processes(monkeypatch, tcp_cluster):
+    monkeypatch.setenv("FARPOOL_ADDRESS", tcp_cluster)
+    with farpool.ProcessPoolExecutor(2) as ex:
+        assert ex.address == tcp_cluster
+        assert ex._max_workers == 2
+        assert ex.submit(os.getpid).result(timeout=30) != os.getpid()
+    with pytest.raises(ValueError, match="max_tasks_per_child is set on the worker daemons"):
+        farpool.ProcessPoolExecutor(2, max_tasks_per_child=3)
+
+
+@pytest.mark.parametrize("address", ["threads", "inline"])
+def test_process_pool_keeps_to_processes_when_the_address_runs_in_this_process(monkeypatch, address):
+    monkeypatch.setenv("FARPOOL_ADDRESS", address)
+    with farpool.ProcessPoolExecutor(1) as ex:
+        assert ex.address == "processes"
+        assert ex.submit(os.getpid).result(timeout=30) != os.getpid()
+
+
+def test_thread_pool_ignores_farpool_address(monkeypatch):
+    monkeypatch.setenv("FARPOOL_ADDRESS", "processes")
+    with farpool.ThreadPoolExecutor(1) as ex:
+        assert ex.submit(os.getpid).result(timeout=30) == os.getpid()
+
+
+def test_python_314_pool_methods_say_they_are_missing():
+    with farpool.ProcessPoolExecutor(1) as ex:
+        for method in (ex.terminate_workers, ex.kill_workers):
+            with pytest.raises(NotImplementedError, match="shutdown"):
+                method()
+
+
+def test_tqdm_thread_map_counts_every_task():
+    import io
+
+    from tqdm.contrib.concurrent import _executor_map
+
+    bar = io.StringIO()
+    results = _executor_map(farpool.ThreadPoolExecutor, identity, range(200), file=bar,
+                            max_workers=2)
+    assert results == list(range(200))
+    assert "200/200" in bar.getvalue()

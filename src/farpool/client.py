@@ -121,6 +121,15 @@ class Executor(concurrent.futures.Executor):
             self._check_open()
             return self._backend.submit_many(fn, calls)
 
+    def _map_submitter(self) -> Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Future]]:
+        """How ``map`` submits: through ``submit`` when something replaced it (a
+        subclass, or a wrapper such as tqdm's progress bars, which patches the
+        instance), as the stdlib's ``map`` does; else in batches, each pickled once."""
+        if "submit" in vars(self) or type(self).submit is not Executor.submit:
+            submit = self.submit
+            return lambda fn, calls: [submit(fn, *args) for args in calls]
+        return self._submit_many
+
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None) -> Iterator[T]:
         """Like ``concurrent.futures.Executor.map``: results in input order.
@@ -151,12 +160,13 @@ class Executor(concurrent.futures.Executor):
             task_fn = fn
 
         futures: deque[Future] = deque()
+        submit_many = self._map_submitter()
         if buffersize is None:
             # Submit in slices so the function is pickled once per slice, not per call.
             for part in _batched(calls, 1024):
-                futures.extend(self._submit_many(task_fn, part))
+                futures.extend(submit_many(task_fn, part))
         else:
-            futures.extend(self._submit_many(task_fn, list(itertools.islice(calls, buffersize))))
+            futures.extend(submit_many(task_fn, list(itertools.islice(calls, buffersize))))
 
         refill: Callable[[], list[Future]] | None = None
         if buffersize is not None:
@@ -169,7 +179,7 @@ class Executor(concurrent.futures.Executor):
                 more = list(itertools.islice(calls, 1))
                 if ex is None or not more or ex._shutdown:
                     return []
-                return ex._submit_many(task_fn, more)
+                return ex._map_submitter()(task_fn, more)
 
             refill = submit_next
 
@@ -206,30 +216,57 @@ def _batched(iterable: Iterable[T], n: int) -> Iterator[list[T]]:
         yield chunk
 
 
-class ProcessPoolExecutor(Executor):
-    """``concurrent.futures.ProcessPoolExecutor``, on farpool's local worker processes.
+def _process_pool_address() -> str:
+    """FARPOOL_ADDRESS for the drop-in process pool, unless it names a backend whose
+    tasks run in this process (code written for a process pool assumes they do not)."""
+    from .backends import scheme_of
+
+    address = os.environ.get("FARPOOL_ADDRESS") or DEFAULT_ADDRESS
+    return DEFAULT_ADDRESS if scheme_of(address) in ("threads", "inline") else address
+
+
+# typeshed declares the stdlib pools' private attributes (_broken, _max_workers,
+# _threads) as plain attributes; here they are read-only views of the backend.
+class ProcessPoolExecutor(Executor, concurrent.futures.ProcessPoolExecutor):  # type: ignore[misc]
+    """``concurrent.futures.ProcessPoolExecutor``, on farpool's worker processes.
 
     Same signature and behaviour, plus: lambdas and closures work (cloudpickle), and a
     worker that crashes fails only its own task with ``farpool.WorkerLost`` (a
     ``BrokenProcessPool``) instead of breaking the pool. ``mp_context`` is accepted
     and ignored: workers are always fresh interpreters.
+
+    It is a subclass of the stdlib's class (so ``isinstance`` checks accept it) that
+    runs none of the stdlib's machinery. When ``FARPOOL_ADDRESS`` names a backend whose
+    tasks run in other processes (``tcp://``, ``ipc://``, ``dask``, ``ray``), the pool
+    runs there, unchanged code and all; ``threads`` and ``inline`` are ignored here.
     """
 
     def __init__(self, max_workers: int | None = None, mp_context: Any = None,
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  *, max_tasks_per_child: int | None = None) -> None:
-        super().__init__("processes", max_workers=max_workers, initializer=initializer,
-                         initargs=initargs, max_tasks_per_child=max_tasks_per_child,
-                         mp_context=mp_context)
+        address = _process_pool_address()
+        options: dict[str, Any] = {}
+        # Only what was given reaches another backend, which may not take it (a clear
+        # TypeError or ValueError there).
+        if max_tasks_per_child is not None or address == DEFAULT_ADDRESS:
+            options["max_tasks_per_child"] = max_tasks_per_child
+        if mp_context is not None or address == DEFAULT_ADDRESS:
+            options["mp_context"] = mp_context
+        Executor.__init__(self, address, max_workers=max_workers, initializer=initializer,
+                          initargs=initargs, **options)
         self._given_context = mp_context
+        self._given_max_workers = max_workers
 
     # The stdlib pools' private attributes that code and tests read most.
     @property
     def _max_workers(self) -> int:
-        return cast(LocalBackend, self._backend).max_workers
+        workers = getattr(self._backend, "max_workers", None)
+        if isinstance(workers, int):
+            return workers
+        return self._given_max_workers or os.cpu_count() or 1
 
     @property
-    def _mp_context(self) -> Any:
+    def _mp_context(self) -> Any:  # type: ignore[override]
         """The context given, else spawn's: workers are always fresh interpreters."""
         if self._given_context is not None:
             return self._given_context
@@ -237,26 +274,39 @@ class ProcessPoolExecutor(Executor):
 
         return multiprocessing.get_context("spawn")
 
+    def terminate_workers(self) -> None:
+        """Python 3.14's method: not available yet in farpool."""
+        raise NotImplementedError("farpool.ProcessPoolExecutor has no terminate_workers yet; "
+                                  "use shutdown(wait=False, cancel_futures=True)")
 
-class ThreadPoolExecutor(Executor):
+    def kill_workers(self) -> None:
+        """Python 3.14's method: not available yet in farpool."""
+        raise NotImplementedError("farpool.ProcessPoolExecutor has no kill_workers yet; "
+                                  "use shutdown(wait=False, cancel_futures=True)")
+
+
+class ThreadPoolExecutor(Executor, concurrent.futures.ThreadPoolExecutor):  # type: ignore[misc]
     """``concurrent.futures.ThreadPoolExecutor``, on farpool's ZeroMQ-fed threads.
 
     Tasks are passed by reference and never pickled, so locks, open files and
-    generators work as arguments, as with the stdlib.
+    generators work as arguments, as with the stdlib. It is a subclass of the stdlib's
+    class (``isinstance`` checks and asyncio's ``set_default_executor`` accept it) that
+    runs none of the stdlib's machinery, and it always runs threads of this process,
+    whatever ``FARPOOL_ADDRESS`` says.
     """
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "",
                  initializer: Callable[..., Any] | None = None,
                  initargs: Iterable[Any] = ()) -> None:
-        super().__init__("threads", max_workers=max_workers, initializer=initializer,
-                         initargs=initargs, thread_name_prefix=thread_name_prefix)
+        Executor.__init__(self, "threads", max_workers=max_workers, initializer=initializer,
+                          initargs=initargs, thread_name_prefix=thread_name_prefix)
 
     # The stdlib pool's private attributes that code and tests read most.
     @property
-    def _max_workers(self) -> int:
+    def _max_workers(self) -> int:  # type: ignore[override]
         return cast(LocalBackend, self._backend).max_workers
 
     @property
-    def _threads(self) -> set[threading.Thread]:
+    def _threads(self) -> set[threading.Thread]:  # type: ignore[override]
         """The worker threads started so far."""
         return cast(LocalBackend, self._backend).worker_threads()
