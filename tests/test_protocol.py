@@ -86,6 +86,17 @@ def head(version, kind, body):
     ([head(1, int(Kind.RESULTS), [[[1, 42, 0, 0.0]]])], "status"),
     ([head(1, int(Kind.RESULTS), [[[1, 0, 0, "slow"]]])], "duration"),
     ([head(1, int(Kind.RESULTS), [[[1, 0, 3, 0.0]]]), b"x"], "counts 3 frames"),
+    # Values that stopped the scheduler or let one key claim the cluster (issue: a
+    # NaN duration poisoned the run-time average; 10**9 slots took every task).
+    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, float("nan")]]])], "not a finite number"),
+    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, float("inf")]]])], "not a finite number"),
+    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, -float("inf")]]])], "not a finite number"),
+    ([head(1, int(Kind.HELLO), [{"slots": 10**9}])], "out of range"),
+    ([head(1, int(Kind.HELLO), [{"retries": 10**6}])], "out of range"),
+    ([head(1, int(Kind.HELLO), [{"heartbeat": float("inf")}])], "HELLO heartbeat"),
+    ([head(1, int(Kind.HELLO), [{"heartbeat": float("nan")}])], "HELLO heartbeat"),
+    ([head(1, int(Kind.HELLO), [{"name": "x" * 256}])], "HELLO name"),
+    ([head(1, int(Kind.HELLO), [{"name": b"\xff\xfe"}])], "HELLO name"),
     ([head(1, int(Kind.HEARTBEAT), [1])], "empty"),
     ([head(1, int(Kind.HELLO), ["not a map"])], "info-map"),
     ([head(1, int(Kind.HELLO), [{"slots": "2"}])], "HELLO slots"),

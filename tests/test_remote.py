@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -923,3 +924,69 @@ def test_a_hello_with_an_unknown_role_is_refused_and_the_scheduler_goes_on(share
         ctx.term()
     with executor(shared_address) as ex:
         assert ex.submit(pow, 2, 5).result(timeout=30) == 32
+
+
+@pytest.mark.parametrize("duration", [float("nan"), float("inf")])
+def test_a_worker_reporting_a_nan_duration_is_dropped_and_the_scheduler_goes_on(cluster, duration):
+    """A peer with a valid key poses as a worker and answers a task with a duration of
+    NaN or infinity. Before, that stopped `farpool scheduler` (the run-time average
+    became NaN, and int() of it raised). Now the scheduler drops that worker (its task
+    fails with WorkerLost, as for any lost worker) and serves on."""
+    scheduler = cluster.scheduler()
+    address = cluster.address
+    ctx, fake = dealer(address, keys=client_keys())
+    try:
+        hello = {"role": "worker", "pid": 4242, "slots": 1, **protocol.version_info()}
+        fake.send_multipart(protocol.encode(Kind.HELLO, [hello]))
+        with executor(address) as ex:
+            victim = ex.submit(pow, 2, 3)
+            got = recv(fake, timeout=10)
+            assert got is not None and got.kind is Kind.TASKS
+            [entry] = got.body[0]
+            result = serialize.dumps(8)
+            fake.send_multipart(protocol.encode(Kind.RESULTS, [[[entry.task_id, 0, len(result), duration]]],
+                                                result))
+            with pytest.raises(farpool.WorkerLost, match="malformed"):
+                victim.result(timeout=15)
+            cluster.worker(name="real")
+            assert ex.submit(pow, 2, 5).result(timeout=30) == 32
+        assert scheduler.proc.poll() is None  # the scheduler is still up
+    finally:
+        fake.close(0)
+        ctx.term()
+
+
+def test_peer_supplied_names_cannot_reach_the_operators_terminal_raw(cluster):
+    """A peer with a valid key says HELLO as a worker host named with a terminal escape
+    sequence. `farpool status` shows the escape as text, `--json` works, and a name
+    that is not text at all is refused without harm."""
+    scheduler = cluster.scheduler()
+    address = cluster.address
+    ctx, fake = dealer(address, keys=client_keys())
+    try:
+        hello = {"role": "supervisor", "pid": 4242, "name": "evil\x1b[2J\x07host",
+                 "hello": 1, **protocol.version_info()}
+        fake.send_multipart(protocol.encode(Kind.HELLO, [hello]))
+        assert recv(fake, timeout=10).kind is Kind.WELCOME
+        env = _cluster_env(dict(os.environ))
+        cmd = [sys.executable, "-m", "farpool", "status", address]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+        assert r"host evil\x1b[2J\x07host: 0 worker processes" in out.stdout
+        out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["supervisors"][0]["name"] == "evil\x1b[2J\x07host"
+        ctx2, other = dealer(address, keys=client_keys())
+        try:
+            other.send_multipart(protocol.encode(Kind.HELLO, [{**hello, "name": b"\xff\xfe"}]))
+            assert recv(other, timeout=1) is None  # dropped as malformed
+        finally:
+            other.close(0)
+            ctx2.term()
+        out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert scheduler.proc.poll() is None
+    finally:
+        fake.close(0)
+        ctx.term()

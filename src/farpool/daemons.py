@@ -148,6 +148,13 @@ def query_status(address: str, *, curve: Any = None, timeout: float = 5.0) -> di
         ctx.term()
 
 
+def printable(text: Any) -> str:
+    """Peer-supplied text for a terminal: control characters (escape sequences) shown
+    as escapes, never sent raw."""
+    text = str(text)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def run_status(args: argparse.Namespace) -> int:
     try:
         curve = _client_curve(args.address, args.key_file, args.insecure)
@@ -162,7 +169,7 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"tasks: queued {info['queued']}  running {info['running']}  done {info['done']}")
     for sup in info["supervisors"]:
         state = " (retiring)" if sup["retiring"] else ""
-        print(f"  host {sup['name']}: {sup['workers']} worker processes{state}")
+        print(f"  host {printable(sup['name'])}: {sup['workers']} worker processes{state}")
     extra = {k: v for k, v in info.items() if k not in {
         "session", "address", "uptime", "clients", "supervisors", "workers", "slots", "queued",
         "running", "done"}}

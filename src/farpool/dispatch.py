@@ -16,6 +16,7 @@ client's 100,000-task map does not starve another client's single task.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ class Dispatcher:
         if task is None:
             return None
         self.done += 1
-        if seconds < 0:  # not run (cancelled while held): nothing to learn
+        if not 0 <= seconds < math.inf:  # not run (cancelled while held): nothing to learn
             return task
         times = self.fn_seconds
         key = task.fn_key

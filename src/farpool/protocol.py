@@ -29,6 +29,7 @@ Bodies by kind (typed records below):
 from __future__ import annotations
 
 import enum
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -325,8 +326,9 @@ def _check_results(body: list[Any], nframes: int) -> list[Any]:
         task_id, status, count, duration = raw
         if type(status) is not int or status not in _STATUSES:
             raise ProtocolError(f"unknown result status {status!r}")
-        if type(duration) is not float and type(duration) is not int:
-            raise ProtocolError("result duration is not a number")
+        if (type(duration) is not float and type(duration) is not int) or not math.isfinite(duration):
+            # NaN or infinity would poison the run-time estimates (the scheduler died of it).
+            raise ProtocolError(f"result duration {duration!r} is not a finite number")
         if type(task_id) is not int or task_id < 0 or type(count) is not int or count < 0:
             raise ProtocolError(f"bad task id or frame count in {raw!r:.80}")
         total += count
@@ -393,20 +395,31 @@ def _field(info: dict[str, Any], key: str, types: tuple[type, ...], default: Any
     raise ProtocolError(f"{what} {key} is {value!r}")
 
 
+# What a HELLO may ask for: a peer that holds a valid key must not claim the whole
+# queue (slots), rerun a task without end (retries), or outlive every deadline.
+MAX_SLOTS = 1024
+MAX_RETRIES = 100
+MAX_HEARTBEAT = 3600.0
+MAX_NAME = 255
+
+
 def _check_hello(body: list[Any], nframes: int) -> list[Any]:
     info = _check_info(body, nframes)[0]
     slots = _field(info, "slots", (int,), 1, "HELLO")
     retries = _field(info, "retries", (int,), 0, "HELLO")
-    if slots < 1 or retries < 0:
+    if not 1 <= slots <= MAX_SLOTS or not 0 <= retries <= MAX_RETRIES:
         raise ProtocolError(f"HELLO slots {slots!r} / retries {retries!r} out of range")
     beat = _field(info, "heartbeat", (int, float), None, "HELLO")
-    if beat is not None and not beat > 0:
+    if beat is not None and not 0 < beat <= MAX_HEARTBEAT:
         raise ProtocolError(f"HELLO heartbeat is {beat!r}")
+    name = _field(info, "name", (str,), None, "HELLO")
+    if name is not None and len(name) > MAX_NAME:
+        raise ProtocolError(f"HELLO name is {len(name)} characters long (at most {MAX_NAME})")
     return [Hello(role=info.get("role"), pid=_field(info, "pid", (int,), None, "HELLO"),
                   slots=slots, heartbeat=None if beat is None else float(beat), retries=retries,
                   seq=_field(info, "hello", (int,), None, "HELLO"),
                   supervisor=_field(info, "supervisor", (bytes,), b"", "HELLO"),
-                  name=_field(info, "name", (str,), None, "HELLO"), info=info)]
+                  name=name, info=info)]
 
 
 def _check_welcome(body: list[Any], nframes: int) -> list[Any]:

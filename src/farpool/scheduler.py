@@ -239,9 +239,21 @@ class Scheduler:
                 handler(identity, peer, msg)
             except protocol.ProtocolError as exc:
                 self.dropped(identity, str(exc))
+            except Exception as exc:  # noqa: BLE001 - one peer's message never stops the scheduler
+                log.exception("a %s message from peer %s raised; dropping the peer", msg.kind.name,
+                              identity.hex())
+                self.dropped(identity, f"{msg.kind.name} raised {type(exc).__name__}: {exc}")
+                peer = self.peers.get(identity)
+                if peer is not None:
+                    self.forget(peer, f"its {msg.kind.name} message raised {type(exc).__name__}")
 
     def dropped(self, identity: bytes, why: str) -> None:
-        """Count and log (at most once a second) a message that was not understood."""
+        """Count and log (at most once a second) a message that was not understood.
+        A worker that sends one is no longer trusted with tasks: it is dropped, and
+        what it held is handled as for a lost worker."""
+        peer = self.peers.get(identity)
+        if peer is not None and peer.role == PeerRole.WORKER:
+            self.forget(peer, f"sent a malformed message ({why})")
         self.counters["malformed"] += 1
         more = self.malformed_log.passes(time.monotonic())
         if more is not None:

@@ -34,9 +34,11 @@ def check_initializer(initializer: Any) -> None:
 
 
 def check_retries(retries: Any) -> None:
-    """How often a task may run again after its worker died: an int >= 0."""
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be a non-negative int, not {retries!r}")
+    """How often a task may run again after its worker died: an int, 0 to MAX_RETRIES."""
+    from ..protocol import MAX_RETRIES
+
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be an int from 0 to {MAX_RETRIES}, not {retries!r}")
 
 
 def check_max_tasks_per_child(value: Any) -> None:
