@@ -149,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_positive, default=64)
     p.set_defaults(func=demo)
 
+    p = sub.add_parser("run", allow_abbrev=False,
+                       help="run a concurrent.futures script unchanged, its process pools "
+                       "served by farpool")
+    p.add_argument("--address", default=None,
+                   help="where the pools run (default: FARPOOL_ADDRESS or processes)")
+    p.add_argument("--threads", action="store_true",
+                   help="serve ThreadPoolExecutor too (farpool's threads)")
+    p.add_argument("script", help="the script, as you would give it to python")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
+    p.set_defaults(func=_run_script)
+
     p = sub.add_parser("scheduler", allow_abbrev=False,
                        help="run the scheduler daemon that clients and workers connect to")
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"address to serve (default {DEFAULT_BIND})")
@@ -191,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "~/.config/farpool/keys)")
     p.set_defaults(func=_run_keygen)
     return parser
+
+
+def _run_script(args: argparse.Namespace) -> int:
+    from .run_script import run
+
+    return run(args)
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:

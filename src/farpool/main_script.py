@@ -5,18 +5,17 @@ the globals it names. A global the initializer sets is then not the one a task r
 and an object of a script class cannot be unpickled inside a task. The stdlib's spawn
 workers instead import the main script as the module ``__mp_main__`` (its ``if
 __name__ == "__main__":`` block not run), so script functions pickle as names.
-farpool does the same:
+farpool does the same: what the script defines pickles as ``__main__.NAME``
+(``main_reference``), and on the worker ``__main__`` is the script:
 
-- local worker processes get the script's source at start and install it as a lazy
+- a local worker process gets the script's source at start and installs it as a lazy
   ``__main__``/``__mp_main__`` (``install_local``): the script runs on the first
-  reference to it, so a pool that never uses a script function never runs the
-  script; references are plain ``__main__.NAME`` globals (``LOCAL``);
-- a daemon's worker processes serve many clients, so each script is its own module,
-  ``__farpool_main_<digest>__``, and references name the digest (``_main_attr``).
-  Every function blob carries the script (``with_main``), once per function and
-  worker, and runs its task with ``sys.modules["__main__"]`` set to that module;
-- the client aliases those module names to its own ``__main__``, so a worker's
-  result of a script class unpickles as the client's class.
+  reference to it, so a pool that never uses a script function never runs it;
+- a daemon's worker processes serve many clients: each client's script (and its local
+  modules) is a namespace of its own there, swapped in around each of its tasks
+  (``code_bundle``);
+- the client aliases ``__mp_main__`` to its own ``__main__``, so a worker's result of a
+  script class unpickles as the client's class.
 
 Where there is no script file (``python -c``, the REPL, a notebook, a package's
 ``__main__``), ``client_script`` returns None and by-value pickling stays.
@@ -29,11 +28,9 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["LOCAL", "MainRef", "MainScript", "client_script", "install_local", "main_reference",
-           "with_main"]
+__all__ = ["MainScript", "client_script", "install_local", "lazy_module", "main_reference"]
 
 LOCAL_NAME = "__mp_main__"
 
@@ -47,22 +44,6 @@ class MainScript(NamedTuple):
     argv: tuple[str, ...]  # sys.argv while it runs on a worker, as spawn gives
     token: str  # digest of path and source: one module per distinct script
 
-    @property
-    def module_name(self) -> str:
-        return f"__farpool_main_{self.token}__"
-
-
-class MainRef(NamedTuple):
-    """How a pickler names what ``__main__`` defines: ``local`` as ``__main__.NAME``
-    (a local pool, whose workers install the script as ``__main__``), else through the
-    script's digest (a daemon's shared workers)."""
-
-    script: MainScript | None
-    local: bool
-
-
-# In-process backends (inline): the names resolve in this very interpreter.
-LOCAL = MainRef(None, True)
 
 _cache_lock = threading.Lock()
 _client_script: list[MainScript | None] = []
@@ -75,12 +56,9 @@ def client_script() -> MainScript | None:
         if not _client_script:
             _client_script.append(_read_main())
         script = _client_script[0]
-    if script is not None:
-        main = sys.modules.get("__main__")
-        if main is not None:
-            # What workers send back names these modules (see the module docstring).
-            sys.modules.setdefault(LOCAL_NAME, main)
-            sys.modules.setdefault(script.module_name, main)
+    if script is not None and "__main__" in sys.modules:
+        # What workers send back names the script __mp_main__ (see the module docstring).
+        sys.modules.setdefault(LOCAL_NAME, sys.modules["__main__"])
     return script
 
 
@@ -113,110 +91,37 @@ def _read_main() -> MainScript | None:
     return MainScript(path, source, package, tuple(sys.argv), token)
 
 
-def main_reference(obj: Any, ref: MainRef) -> Any:
-    """A pickler's reduction for ``obj`` if it is a function or class ``__main__``
-    defines at a name; None otherwise. NotImplemented means: pickle it as a global."""
+def main_reference(obj: Any) -> bool:
+    """True if ``obj`` is a function or class the main script defines at a name (so a
+    pickler can write it as the global ``__main__.NAME``)."""
     if getattr(obj, "__module__", None) != "__main__":
-        return None
+        return False
     qualname = getattr(obj, "__qualname__", None)
     if not isinstance(qualname, str) or "<" in qualname:
-        return None  # a lambda or a nested function: by value
+        return False  # a lambda or a nested function: by value
     found: Any = sys.modules.get("__main__")
     for part in qualname.split("."):
         found = getattr(found, part, None)
-    if found is not obj:
-        return None
-    if ref.local:
-        return NotImplemented
-    assert ref.script is not None
-    return _main_attr, (ref.script.token, qualname)
+    return found is obj
 
 
-def with_main(script: MainScript, inner: Any) -> bytes:
-    """A task function's blob as it travels to a daemon's worker, with the script it
-    may refer to. ``inner`` is the function's own blob, or a callable whose pickle
-    loads nothing of the script before it is called (``InitializedCall``)."""
-    import pickle
-
-    return pickle.dumps(_WithMain(script, inner), protocol=5)
-
-
-class _WithMain:
-    def __init__(self, script: MainScript, inner: Any) -> None:
-        self.script = script
-        self.inner = inner
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _bind, (tuple(self.script), self.inner)
-
-
-class _MainBound:
-    """A task function run with its client's script as ``__main__`` (so ``pickle.loads``
-    in a task finds the script's classes, as under the stdlib)."""
-
-    __slots__ = ("fn", "module")
-
-    def __init__(self, module: types.ModuleType, fn: Callable[..., Any]) -> None:
-        self.module = module
-        self.fn = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        modules = sys.modules
-        before = modules.get("__main__")
-        modules["__main__"] = self.module
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            if before is not None:
-                modules["__main__"] = before
-
-
-def _bind(script: tuple[Any, ...], inner: Any) -> _MainBound:
-    module = _load(MainScript(*script))
-    if isinstance(inner, bytes):  # unpickled only now that the module it may name exists
-        import pickle
-
-        inner = pickle.loads(inner)
-    return _MainBound(module, inner)
-
-
-def _main_attr(token: str, qualname: str) -> Any:
-    module = sys.modules.get(f"__farpool_main_{token}__")
-    if module is None:
-        raise LookupError(f"the client's main script ({token}) never reached this worker")
-    found: Any = module
-    for part in qualname.split("."):
-        found = getattr(found, part)
-    return found
-
-
-_load_lock = threading.RLock()
-
-
-def _load(script: MainScript, name: str | None = None) -> types.ModuleType:
-    """The module for ``script``, made once per process; its code runs on first use."""
-    name = name or script.module_name
-    with _load_lock:
-        module = sys.modules.get(name)
-        if module is None or getattr(module, "__farpool_token__", None) != script.token:
-            module = _lazy_module(script, name)
-            sys.modules[name] = module
-        return module
+_run_lock = threading.RLock()
 
 
 def install_local(script: MainScript) -> None:
     """In a local worker process: the script becomes ``__main__`` and ``__mp_main__``,
     run on first use, with the client's ``sys.argv`` as spawn gives."""
     sys.argv[:] = script.argv
-    module = _load(script, LOCAL_NAME)
-    sys.modules["__main__"] = module
+    module = lazy_module(script)
+    sys.modules["__main__"] = sys.modules[LOCAL_NAME] = module
 
 
-def _lazy_module(script: MainScript, name: str) -> types.ModuleType:
+def lazy_module(script: MainScript) -> types.ModuleType:
+    """A module ``__mp_main__`` whose code is the script's, run on first use."""
+    name = LOCAL_NAME
     module = types.ModuleType(name)
     module.__file__ = script.path
     module.__package__ = script.package
-    module.__farpool_token__ = script.token  # type: ignore[attr-defined]
     failure: list[BaseException] = []
 
     def run_script(attr: str) -> Any:
@@ -224,7 +129,7 @@ def _lazy_module(script: MainScript, name: str) -> types.ModuleType:
         # Not for a dunder: tools probe modules for those (__path__, __wrapped__...).
         if attr.startswith("__") and attr.endswith("__"):
             raise AttributeError(f"module {name!r} has no attribute {attr!r}")
-        with _load_lock:
+        with _run_lock:
             if vars(module).get("__getattr__") is run_script:
                 del module.__getattr__
                 _run(script, module, failure)

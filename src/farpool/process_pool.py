@@ -33,7 +33,7 @@ from . import protocol, serialize
 from .dispatch import Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, WorkerLost
 from .futures import new_future
-from .main_script import MainRef, client_script
+from .main_script import client_script
 from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind
 from .respawn import StartFailures
@@ -52,7 +52,7 @@ class ProcessPool(LocalPool):
         refuse_after_exit()
         # The workers have the main script as __main__ (see main_script).
         script = client_script()
-        self._main = MainRef(script, True) if script is not None else None
+        self._main = script is not None
         self._pickle_fn = serialize.FunctionPickler(main=self._main)
         self._pickle_lock = threading.Lock()
         super().__init__(ProcessPoolIO(max_workers=max_workers, initializer=initializer,
@@ -113,11 +113,11 @@ class ProcessPoolIO(PoolIO):
     fail_held_on_break = True
 
     def __init__(self, *, max_workers: int, initializer: Any, initargs: tuple[Any, ...],
-                 max_tasks: int | None, retries: int, main: MainRef | None = None) -> None:
+                 max_tasks: int | None, retries: int, main: bool = False) -> None:
         # Before any pipe, socket or thread exists: initargs that do not pickle fail
         # the constructor without leaving anything behind.
         self.init_blob, self.init_fds = pickle_initializer(initializer, initargs, main=main)
-        self.main_script = main.script if main is not None else None
+        self.main_script = client_script() if main else None
         self.runtime_dir = tempfile.mkdtemp(prefix="farpool-")
         try:
             super().__init__(address=f"ipc://{self.runtime_dir}/pool", max_workers=max_workers,

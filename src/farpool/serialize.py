@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 
 from .fncache import FN_CACHE_SIZE, SentFunctions  # noqa: F401 - re-exported for senders
-from .main_script import MainRef, main_reference
+from .main_script import main_reference
 
 # Buffers below this size are cheaper inside the pickle stream than as a frame.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
@@ -64,26 +64,24 @@ class Pickler(cloudpickle.Pickler):
     if _cloudpickle_code_reduce is not None:
         dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
 
-    def __init__(self, file: Any, *args: Any, main: MainRef | None = None, **kwargs: Any) -> None:
+    def __init__(self, file: Any, *args: Any, main: bool = False, **kwargs: Any) -> None:
         super().__init__(file, *args, **kwargs)
         self.main = main
 
     def reducer_override(self, obj: Any) -> Any:
-        if self.main is not None and (type(obj) is types.FunctionType or isinstance(obj, type)):
-            reduced = main_reference(obj, self.main)
-            if reduced is not None:
-                return reduced
+        if self.main and (type(obj) is types.FunctionType or isinstance(obj, type)) and main_reference(obj):
+            return NotImplemented  # the global __main__.NAME
         return super().reducer_override(obj)
 
 
 def _cloudpickle(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None,
-                 main: MainRef | None = None) -> bytes:
+                 main: bool = False) -> bytes:
     with io.BytesIO() as file:
         Pickler(file, protocol=5, buffer_callback=buffer_callback, main=main).dump(obj)
         return file.getvalue()
 
 
-def dumps_whole(obj: Any, *, main: MainRef | None = None) -> bytes:
+def dumps_whole(obj: Any, *, main: bool = False) -> bytes:
     """``obj`` as one pickle, buffers inside (for what travels nested in another)."""
     return _cloudpickle(obj, main=main)
 
@@ -91,10 +89,11 @@ def dumps_whole(obj: Any, *, main: MainRef | None = None) -> bytes:
 _EMPTY_ARGS = pickle.dumps(((), {}), protocol=5)
 
 
-def dumps(obj: Any, *, chunked: bool = False, main: MainRef | None = None) -> list[Any]:
+def dumps(obj: Any, *, chunked: bool = False, main: bool = False) -> list[Any]:
     """Pickle ``obj`` into frames: [stream, *out_of_band_buffers]; with ``chunked``,
     buffers above CHUNK_MIN_BYTES go as chunks after a layout frame; ``main`` says how
-    to name what the main script defines (None: by value)."""
+    to name what the main script defines: as globals (where the workers have the script
+    as ``__main__``, see ``main_script``), else by value."""
     if type(obj) in _SIMPLE_TYPES:
         # The same bytes as cloudpickle's, without setting up its pickler (~5x faster).
         return [pickle.dumps(obj, protocol=5)]
@@ -122,7 +121,7 @@ def dumps(obj: Any, *, chunked: bool = False, main: MainRef | None = None) -> li
 
 
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any], *, chunked: bool = False,
-               main: MainRef | None = None) -> list[Any]:
+               main: bool = False) -> list[Any]:
     """Frames for a call's arguments, with a fast path for plain scalars."""
     if not kwargs:
         if not args:
@@ -170,13 +169,13 @@ def _load_chunked(layout: Any, frames: list[Any]) -> Any:
     return pickle.loads(getattr(stream, "buffer", stream), buffers=buffers)
 
 
-def _pickles_by_reference(fn: Any, main: MainRef | None = None) -> bool:
+def _pickles_by_reference(fn: Any, main: bool = False) -> bool:
     """True when ``fn`` pickles as a plain import path, so its pickle never changes."""
     if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, type)):
         return False
     module_name = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
-    if not module_name or "<" in qualname or (module_name == "__main__" and main is None):
+    if not module_name or "<" in qualname or (module_name == "__main__" and not main):
         return False
     by_value = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
     if any(module_name == m or module_name.startswith(m + ".") for m in by_value):
@@ -200,7 +199,7 @@ class FunctionPickler:
     ``main`` as for ``dumps``.
     """
 
-    def __init__(self, capacity: int = 1024, *, main: MainRef | None = None) -> None:
+    def __init__(self, capacity: int = 1024, *, main: bool = False) -> None:
         self._by_ref: OrderedDict[int, tuple[Any, bytes, bytes]] = OrderedDict()
         self._by_value: OrderedDict[int, tuple[list[Any], bytes, bytes]] = OrderedDict()
         self._capacity = capacity

@@ -17,6 +17,7 @@ worker exits, even in the middle of a task.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import pickle
@@ -47,6 +48,7 @@ SHORT_TASK_SECONDS = 0.0002
 IDLE_CHECK_MS = 200
 # The state record a local supervisor reads after a crash: (running id, last done id).
 STATE = struct.Struct("<QQ")
+_NO_NAMESPACE = contextlib.nullcontext()
 # Module globals: cheaper to read than the enums' attributes, once per task.
 _TASKS = Kind.TASKS
 _OK = int(Status.OK)
@@ -74,25 +76,33 @@ class PickledCalls:
 
     def run(self, entry: TaskEntry, item: Any) -> tuple[int, list[Any]]:
         fn, frames = item
-        try:
-            if isinstance(fn, BaseException):
-                raise fn
-            args, kwargs = serialize.loads(frames)
-        except BaseException as exc:  # noqa: BLE001 - this task fails, the worker goes on
-            from .errors import unpickling_failed  # here: start-up time (see _errors)
+        del item  # the arguments' frames are freed as soon as they are loaded
+        # A client's shipped code (a daemon's worker): its namespace is in sys.modules
+        # while its arguments load, it runs and its result pickles (see code_bundle).
+        namespace: Any = _NO_NAMESPACE
+        bundles = sys.modules.get("farpool.code_bundle")
+        if bundles is not None and type(fn) is bundles.InNamespace:
+            namespace, fn = fn.namespace, fn.fn
+        with namespace:
+            try:
+                if isinstance(fn, BaseException):
+                    raise fn
+                args, kwargs = serialize.loads(frames)
+            except BaseException as exc:  # noqa: BLE001 - this task fails, the worker goes on
+                from .errors import unpickling_failed  # here: start-up time (see _errors)
 
-            what = f"the function or arguments of task {entry.task_id}"
-            return Status.ERROR, serialize.dump_exception(unpickling_failed(what, exc))
-        try:
-            del frames, item
-            result = fn(*args, **kwargs)
-            del args, kwargs
-        except BaseException as exc:  # noqa: BLE001 - every task error goes back
-            return Status.ERROR, serialize.dump_exception(exc)
-        try:
-            return Status.OK, serialize.dumps(result, chunked=self.chunked)
-        except BaseException as exc:  # noqa: BLE001 - an unpicklable result
-            return Status.ERROR, serialize.dump_exception(exc)
+                what = f"the function or arguments of task {entry.task_id}"
+                return Status.ERROR, serialize.dump_exception(unpickling_failed(what, exc))
+            try:
+                del frames
+                result = fn(*args, **kwargs)
+                del args, kwargs
+            except BaseException as exc:  # noqa: BLE001 - every task error goes back
+                return Status.ERROR, serialize.dump_exception(exc)
+            try:
+                return Status.OK, serialize.dumps(result, chunked=self.chunked)
+            except BaseException as exc:  # noqa: BLE001 - an unpicklable result
+                return Status.ERROR, serialize.dump_exception(exc)
 
 
 class SharedCalls:

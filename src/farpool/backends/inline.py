@@ -11,7 +11,6 @@ from .. import serialize
 from ..errors import ProcessPoolBroken, unpickling_failed
 from ..futures import new_future
 from ..initializer import run_initializer
-from ..main_script import LOCAL
 from .options import check_initializer, check_max_workers
 
 
@@ -44,7 +43,7 @@ class InlineBackend:
         # Failures as on a process pool: a pickling error as itself, an unpickling
         # error as UnpicklingFailed (a BrokenProcessPool).
         try:
-            frames = serialize.dumps((fn, args, kwargs), main=LOCAL)
+            frames = serialize.dumps((fn, args, kwargs), main=True)
         except BaseException as exc:  # noqa: BLE001 - as a pool: the future fails
             future.set_exception(exc)
             return future
@@ -62,7 +61,7 @@ class InlineBackend:
             future.set_exception(_round_trip_error(exc))
             return future
         try:
-            frames = serialize.dumps(result, main=LOCAL)
+            frames = serialize.dumps(result, main=True)
         except BaseException as exc:  # noqa: BLE001 - an unpicklable result
             future.set_exception(_round_trip_error(exc))
             return future

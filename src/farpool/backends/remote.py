@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 
 from .. import exit_hooks, protocol, serialize
+from ..code_bundle import BundleMaker, with_code
 from ..dispatch import task_label
 from ..errors import (
     InitializerFailed,
@@ -53,7 +54,6 @@ from ..futures import new_future
 from ..initializer import InitializedCall, InitSpec
 from ..io_thread import IOThread
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
-from ..main_script import MainRef, client_script, with_main
 from ..protocol import ByeReason, Kind, PeerRole, Status
 from .options import check_initializer, check_max_workers, check_retries
 
@@ -111,7 +111,10 @@ class RemoteBackend:
     ``key_file`` (cluster key file; default ``$FARPOOL_KEY`` or this host's keys),
     ``insecure`` (tcp without CURVE, to a scheduler started with ``--insecure``),
     ``heartbeat`` (seconds), ``connect_timeout`` and ``reconnect_timeout`` (seconds).
-    ``max_workers`` is accepted for compatibility: the workers are the daemons'.
+    ``ship_modules``: the script's local modules travel to the workers (True, the
+    default, finds them; False sends none; a list of modules or names adds those; see
+    ``farpool.code_bundle``). ``max_workers`` is accepted for compatibility: the
+    workers are the daemons'.
     """
 
     chunks = True
@@ -120,7 +123,8 @@ class RemoteBackend:
                  initargs: tuple[Any, ...] = (), retries: int = 0, key_file: Any = None,
                  insecure: bool = False, heartbeat: float = DEFAULT_HEARTBEAT,
                  connect_timeout: float = 10.0, reconnect_timeout: float = 10.0,
-                 max_tasks_per_child: int | None = None, mp_context: Any = None) -> None:
+                 max_tasks_per_child: int | None = None, mp_context: Any = None,
+                 ship_modules: Any = True) -> None:
         check_max_workers(max_workers, None)
         if max_tasks_per_child is not None:
             raise ValueError("max_tasks_per_child is set on the worker daemons: "
@@ -144,15 +148,15 @@ class RemoteBackend:
             raise ValueError(f"not a scheduler address: {address!r} (use tcp://HOST:PORT or ipc:///PATH)")
         self._chunked = address.startswith("tcp://")  # see serialize: pays off when encrypted
         self._ids = itertools.count(1)
-        # Each function blob carries the main script, which the shared workers make a
-        # module of its own (see main_script).
-        self._script = client_script()
-        self._main = MainRef(self._script, False) if self._script is not None else None
+        # Each function blob carries the main script and the local modules, which the
+        # shared workers keep apart per client (see code_bundle).
+        self._bundles = BundleMaker(ship_modules)
+        self._main = self._bundles.main is not None
         self._pickle_fn = serialize.FunctionPickler(main=self._main)
         self._pickle_lock = threading.Lock()
         self._init = (InitSpec.create(initializer, initargs, main=self._main)
                       if initializer is not None else None)
-        self._wrapped: dict[bytes, tuple[bytes, bytes]] = {}
+        self._wrapped: dict[tuple[bytes, str], tuple[bytes, bytes]] = {}
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
                              reconnect_timeout=float(reconnect_timeout))
         self._io.start(float(connect_timeout))
@@ -193,20 +197,22 @@ class RemoteBackend:
     def _pickle(self, fn: Any) -> tuple[bytes, bytes]:
         with self._pickle_lock:
             key, blob = self._pickle_fn(fn)
-            if self._init is None and self._script is None:
+            bundle = self._bundles.current()
+            if self._init is None and bundle is None:
                 return key, blob
-            hit = self._wrapped.get(key)
+            cache_key = (key, bundle.token if bundle is not None else "")
+            hit = self._wrapped.get(cache_key)
             if hit is None:
                 if self._init is None:
                     wrapped = blob
                 else:
                     wrapped = pickle.dumps(InitializedCall(self._init, blob), protocol=5)
-                if self._script is not None:
-                    wrapped = with_main(self._script, wrapped)
+                if bundle is not None:
+                    wrapped = with_code(bundle, wrapped)
                 hit = (hashlib.blake2b(wrapped, digest_size=16).digest(), wrapped)
                 if len(self._wrapped) > 1024:
                     self._wrapped.clear()
-                self._wrapped[key] = hit
+                self._wrapped[cache_key] = hit
             return hit
 
     def _make(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
