@@ -27,7 +27,8 @@ HEARTBEAT = 0.2  # seconds: a lost peer is noticed after 5 of them
 class Daemon:
     """``python -m farpool ARGS`` as a child process; stderr goes to ``log``."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, *,
+                 new_session: bool = False) -> None:
         self.log = log
         self.args = args
         # Its temporary files (a worker daemon's state records) go under the test's
@@ -38,7 +39,7 @@ class Daemon:
         with open(log, "ab") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "farpool", *args],
                                          stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                         env=env)
+                                         env=env, start_new_session=new_session)
 
     @property
     def pid(self) -> int:
@@ -86,9 +87,11 @@ def start_scheduler(log_dir: Path, *, bind: str = "tcp://127.0.0.1:0", heartbeat
 
 
 def start_worker(address: str, log_dir: Path, *, nprocs: int = 2, heartbeat: float = HEARTBEAT,
-                 extra: tuple[str, ...] = (), name: str = "worker") -> Daemon:
+                 extra: tuple[str, ...] = (), name: str = "worker", new_session: bool = False) -> Daemon:
+    """``new_session``: the daemon leads a process group of its own (as under systemd
+    or Slurm), which a test may signal as a whole."""
     return Daemon(["worker", address, "--nprocs", str(nprocs), "--heartbeat", str(heartbeat),
-                   "--name", name, *extra], log_dir / f"{name}.log")
+                   "--name", name, *extra], log_dir / f"{name}.log", new_session=new_session)
 
 
 def status(address: str, timeout: float = 5.0) -> dict[str, Any]:

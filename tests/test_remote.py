@@ -127,9 +127,9 @@ class Cluster:
         return daemon
 
     def worker(self, name: str = "worker", nprocs: int = 2, extra: tuple[str, ...] = (),
-               heartbeat: float = HEARTBEAT) -> Daemon:
+               heartbeat: float = HEARTBEAT, new_session: bool = False) -> Daemon:
         daemon = start_worker(self.address, self.log_dir, nprocs=nprocs, name=name, extra=extra,
-                              heartbeat=heartbeat)
+                              heartbeat=heartbeat, new_session=new_session)
         self.workers.append(daemon)
         return daemon
 
@@ -990,3 +990,45 @@ def test_peer_supplied_names_cannot_reach_the_operators_terminal_raw(cluster):
     finally:
         fake.close(0)
         ctx.term()
+
+
+def interrupted_nap(seconds, pidfile):
+    """nap, but saying how it ended: a KeyboardInterrupt here would have reached the
+    client program as the task's exception (and ended it with 130)."""
+    try:
+        return nap(seconds, pidfile)
+    except KeyboardInterrupt:
+        return "interrupted"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signalling_a_worker_hosts_whole_process_group_drains_it(cluster, tmp_path, sig):
+    """systemd (KillMode=control-group), scancel and a terminal's Ctrl-C signal every
+    process of the worker host's group, worker processes included. Before, those died
+    of SIGTERM (their tasks failed with WorkerLost) or raised KeyboardInterrupt into
+    the task. Now the running task finishes with its result and the daemon drains and
+    exits 0; a task that starts a program can still stop it with SIGTERM."""
+    cluster.scheduler()
+    host = cluster.worker(name="host", nprocs=1, new_session=True)
+    wait_for_workers(cluster.address, 1)
+    ex = executor(cluster.address)
+    try:
+        running = ex.submit(interrupted_nap, 1.5, str(tmp_path / "running.pid"))
+        worker_pid = read_pid(tmp_path / "running.pid")
+        os.killpg(host.pid, sig)
+        assert running.result(timeout=30) == worker_pid
+        assert host.wait(30) == 0
+        assert not alive(worker_pid)
+    finally:
+        close(ex)
+
+
+def start_and_terminate_a_child():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child.terminate()
+    return child.wait(10)
+
+
+def test_a_task_can_still_terminate_the_programs_it_starts(shared_address):
+    with executor(shared_address) as ex:
+        assert ex.submit(start_and_terminate_a_child).result(timeout=60) == -signal.SIGTERM

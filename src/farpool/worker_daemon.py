@@ -84,6 +84,9 @@ class Node:
             network["curve"] = (server_public, pair.public, pair.secret)
         self.worker_config = {
             "network": network,
+            # systemd, Slurm and a terminal's Ctrl-C signal the whole process group: the
+            # supervisor drains, so its workers must not die (or raise) of it.
+            "stop_signals": "supervisor",
             "hello": {"role": PeerRole.WORKER, "supervisor": self.identity, "host": self.name},
         }
 

@@ -385,6 +385,28 @@ def hello(sock: zmq.Socket, info: dict[str, Any]) -> None:
     sock.send_multipart(protocol.encode(Kind.HELLO, [info]))
 
 
+def _leave_stop_signals_to_the_supervisor() -> None:
+    """A daemon's worker: SIGTERM and SIGINT sent to the whole process group (systemd's
+    KillMode=control-group, scancel, Ctrl-C) do not stop the task; the supervisor
+    drains, then ends this process through its control socket. A Python handler that
+    does nothing, not SIG_IGN: an ignored signal would stay ignored in programs the
+    task starts, and those must stay stoppable. Forked children get the defaults back."""
+    import signal
+
+    def carry_on(signum: int, frame: Any) -> None:
+        pass
+
+    stops = (signal.SIGTERM, signal.SIGINT)
+    for sig in stops:
+        signal.signal(sig, carry_on)
+
+    def defaults_in_child() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    os.register_at_fork(after_in_child=defaults_in_child)
+
+
 def _watch_parent(control: socket.socket) -> None:
     """Exit the moment the parent's end of the control socket closes."""
     try:
@@ -428,6 +450,8 @@ def _load_package(name: str) -> Any:
 
 def _process_main() -> int:
     config = pickle.loads(sys.stdin.buffer.read())
+    if config.get("stop_signals") == "supervisor":
+        _leave_stop_signals_to_the_supervisor()
     package = sys.modules["farpool"]
     if "__version__" not in vars(package) and "version" in config:
         package.__version__ = config["version"]  # type: ignore[attr-defined]  # for HELLO, without loading the package
