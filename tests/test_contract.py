@@ -447,3 +447,19 @@ def test_map_keeps_no_reference_to_results_handed_out(executor, address, options
                 break
             time.sleep(0.005)
         assert ref() is None
+
+
+def test_dask_compute_with_a_farpool_executor_as_its_scheduler(executor):
+    # Dask's local scheduler submits tasks whose arguments are tuples of its own graph
+    # (and tasks in them). Before, the dask backend handed them to Client.submit, which
+    # read them as graph tasks: TypeError: 'int' object is not callable.
+    pytest.importorskip("dask")
+    import operator
+
+    import dask
+    import dask.bag
+
+    graph = dask.delayed(operator.add)(dask.delayed(square)(3), dask.delayed(add)(1, 2))
+    assert dask.compute(graph, scheduler=executor) == (12,)
+    folded = dask.bag.from_sequence(range(100), npartitions=4).fold(operator.add)
+    assert folded.compute(scheduler=executor) == 4950

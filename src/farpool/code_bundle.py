@@ -199,9 +199,13 @@ class Namespace:
             main = lazy_module(bundle.main)
             self.modules["__main__"] = self.modules[LOCAL_NAME] = main
         self.names = frozenset(self.sources) | frozenset(self.modules)
-        self._saved: list[dict[str, types.ModuleType]] = []
+        self._saved: list[dict[str, types.ModuleType] | None] = []
+        self._before_install: dict[str, types.ModuleType] = {}
 
     def __enter__(self) -> Namespace:
+        if _installed[0] is self:
+            self._saved.append(None)  # in place already (install)
+            return self
         modules = sys.modules
         self._saved.append({n: modules.pop(n) for n in self.names if n in modules})
         modules.update(self.modules)
@@ -209,13 +213,38 @@ class Namespace:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _active.pop()
+        saved = self._saved.pop()
+        if saved is None:
+            return
+        _active.remove(self)
+        self._take_back()
+        sys.modules.update(saved)
+
+    def install(self) -> None:
+        """Put this namespace in place and leave it there (an engine's worker, whose
+        engine pickles a task's result after the task returned); another installed
+        namespace is taken out first."""
+        with _bind_lock:
+            current = _installed[0]
+            if current is self:
+                return
+            if current is not None:
+                _active.remove(current)
+                current._take_back()
+                sys.modules.update(current._before_install)
+            modules = sys.modules
+            self._before_install = {n: modules.pop(n) for n in self.names if n in modules}
+            modules.update(self.modules)
+            _active.insert(0, self)
+            _installed[0] = self
+
+    def _take_back(self) -> None:
+        """Move this namespace's modules (imported meanwhile too) out of sys.modules."""
         modules = sys.modules
         for name in self.names:
             module = modules.pop(name, None)
             if module is not None:
                 self.modules[name] = module
-        modules.update(self._saved.pop())
 
 
 class InNamespace:
@@ -233,7 +262,8 @@ class InNamespace:
 
 
 _namespaces: dict[str, Namespace] = {}
-_active: list[Namespace] = []
+_active: list[Namespace] = []  # innermost last; the finder serves the innermost
+_installed: list[Namespace | None] = [None]  # the one left in place (see install)
 _bind_lock = threading.Lock()
 
 

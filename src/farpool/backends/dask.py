@@ -3,8 +3,11 @@
 ``dask`` starts a local cluster (``max_workers`` worker processes, default 2, one
 thread each) that the executor's shutdown stops; ``dask://host:port`` connects to
 a running scheduler and leaves it running. Tasks go to ``Client.submit`` (or one
-``Client.map`` for a batch) with ``pure=False``, so equal calls are never merged,
-and Dask serializes them: farpool adds no pickling of its own.
+``Client.map`` for a batch) with ``pure=False``, so equal calls are never merged.
+Dask sees only ``call_packing.run_packed`` and bytes: farpool pickles the function
+and the arguments (so a script's functions share its globals on the workers, its
+local modules travel, and Dask never reads a tuple in the arguments as a task).
+Workers of an existing cluster need farpool installed.
 
 Semantics on top of Dask's:
 
@@ -18,8 +21,7 @@ Semantics on top of Dask's:
   handed to a worker and lets the others finish;
 - an initializer runs in each worker process before the first task it runs for
   this executor. It travels with every task (pickled once, as bytes), so keep its
-  arguments small; workers of an existing cluster need farpool installed for it
-  (and for ``map`` with ``chunksize``);
+  arguments small;
 - ``max_workers`` sizes a local cluster; an existing cluster keeps its own size;
 - each result is fetched as its task ends, except while more of this executor's
   tasks are outstanding than the cluster has threads: then results that end within
@@ -42,8 +44,8 @@ from ..errors import BackendUnavailable, WorkerLost
 from .engine import (
     EngineBackend,
     InitializerFailed,
-    call_initialized,
     remote_traceback,
+    run_packed,
     unwrap_pickling_error,
 )
 from .options import check_max_workers, check_passed_on, check_retries
@@ -139,7 +141,7 @@ class DaskBackend(EngineBackend):
                  retries: int | None = None, submit_options: dict[str, Any] | None = None,
                  **options: Any) -> None:
         distributed = _require()
-        from dask.utils import apply, funcname
+        from dask.utils import funcname
 
         workers = check_max_workers(max_workers, None)
         scheduler = _scheduler_address(address)
@@ -165,7 +167,6 @@ class DaskBackend(EngineBackend):
         # Dask futures of done tasks, dropped by the next submit (see _keep).
         self._kept: list[Any] = []
         self._release_timer: asyncio.TimerHandle | None = None
-        self._apply = apply
         self._funcname = funcname
         self._killed_worker = distributed.KilledWorker
         self._submit_options = dict(submit_options or {})
@@ -187,12 +188,9 @@ class DaskBackend(EngineBackend):
 
     def _task(self, fn: Callable[..., Any], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        if self.init_spec is not None:
-            return call_initialized, (self.init_spec, fn, args, kwargs)
-        if kwargs:
-            # Through dask's apply, so user keywords never meet Client.submit's own.
-            return self._apply, (fn, args, kwargs)
-        return fn, args
+        # Dask sees bytes only: it never reads the arguments as a graph (see call_packing).
+        key, blob = self.packer.function(fn)
+        return run_packed, (key, blob, self.packer.arguments(args, kwargs))
 
     def _key(self, fn: Callable[..., Any]) -> str:
         # Named after the user's function (not a wrapper), unique: never deduplicated.
@@ -214,12 +212,10 @@ class DaskBackend(EngineBackend):
         arity = len(calls[0])
         if len(calls) == 1 or arity == 0 or any(len(args) != arity for args in calls):
             return super()._engine_submit_many(fn, calls)
-        if self.init_spec is not None:
-            n = len(calls)
-            task: Callable[..., Any] = call_initialized
-            columns: list[Any] = [[self.init_spec] * n, [fn] * n, calls, [{}] * n]
-        else:
-            task, columns = fn, list(zip(*calls, strict=True))
+        key, blob = self.packer.function(fn)
+        n = len(calls)
+        task: Callable[..., Any] = run_packed
+        columns: list[Any] = [[key] * n, [blob] * n, [self.packer.arguments(args, {}) for args in calls]]
         keys = [self._key(fn) for _ in calls]
         self._drop_kept()
         try:

@@ -30,13 +30,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
+from ..call_packing import CallPacker, run_packed
 from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
 from ..futures import new_future
 from ..initializer import InitSpec, call_initialized, ensure_initialized
 from .options import check_initializer
 
 __all__ = ["EngineBackend", "InitSpec", "InitializerFailed", "SubmitFailed", "call_initialized",
-           "ensure_initialized", "remote_traceback", "unwrap_pickling_error"]
+           "ensure_initialized", "run_packed", "remote_traceback", "unwrap_pickling_error"]
 
 BROKEN_MESSAGE = "A worker initializer failed, the executor is not usable anymore"
 # How many inbox items the results thread handles per wake-up.
@@ -99,7 +100,8 @@ class EngineBackend:
     def __init__(self, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> None:
         check_initializer(initializer)
         self.broken: BaseException | None = None
-        self.init_spec = InitSpec.create(initializer, initargs) if initializer is not None else None
+        # Functions and arguments go to the engine as farpool's pickles (see call_packing).
+        self.packer = CallPacker(initializer, initargs)
         # _submit_lock orders submits and is held through engine calls; _lock guards the
         # state below and is never held through an engine call, so that an engine
         # thread may take it (see _settle_here). Order: _submit_lock, then _lock.

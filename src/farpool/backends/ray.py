@@ -44,9 +44,8 @@ from ..errors import BackendUnavailable, WorkerLost
 from ..serialize import FunctionPickler
 from .engine import (
     EngineBackend,
-    InitSpec,
-    ensure_initialized,
     remote_traceback,
+    run_packed,
     unwrap_pickling_error,
 )
 from .options import check_max_workers, check_passed_on, check_retries
@@ -78,39 +77,28 @@ def _require() -> Any:
 # -- in the worker ---------------------------------------------------------------------
 
 
-def _run(fn: Callable[..., Any], init: InitSpec | None, args: tuple[Any, ...],
-         kwargs: dict[str, Any]) -> Any:
-    if init is not None:
-        ensure_initialized(init)
+def _run(key: bytes, blob: bytes, arguments: bytes) -> Any:
     if threading.current_thread() is not threading.main_thread():
-        return fn(*args, **kwargs)
+        return run_packed(key, blob, arguments)
     # ray.cancel interrupts a running task through the SIGINT handler: ignoring it
     # while the user's function runs keeps the stdlib's rule that started work finishes.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        return fn(*args, **kwargs)
+        return run_packed(key, blob, arguments)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _bind(fn: Callable[..., Any], init: InitSpec | None) -> Callable[..., Any]:
-    """A Ray task running ``fn``: exported once, then each call sends only arguments."""
+def _bind(key: bytes, blob: bytes, name: str) -> Callable[..., Any]:
+    """A Ray task running one packed function: exported once, then each call sends
+    only its (packed) arguments."""
 
-    def task(*args: Any, **kwargs: Any) -> Any:
-        return _run(fn, init, args, kwargs)
+    def task(arguments: bytes) -> Any:
+        return _run(key, blob, arguments)
 
-    task.__name__ = task.__qualname__ = getattr(fn, "__name__", "task")  # Ray's task name
+    task.__name__ = task.__qualname__ = name  # Ray's task name
     return task
-
-
-def _bind_any(init: InitSpec | None) -> Callable[..., Any]:
-    """A Ray task running the function it is given, for callables with state."""
-
-    def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return _run(fn, init, args, kwargs)
-
-    return call
 
 
 # -- this process's Ray connection -------------------------------------------------------
@@ -240,7 +228,8 @@ class RayBackend(EngineBackend):
         self._address = address
         _session.acquire(ray, address, max_workers, init_options)
         try:
-            self._call_any = ray.remote(**self._remote_options)(_bind_any(self.init_spec))
+            # A function too big to export travels with each call.
+            self._call_any = ray.remote(**self._remote_options)(_run)
         except BaseException:
             _session.release(ray)  # e.g. remote_options Ray does not know
             raise
@@ -252,7 +241,7 @@ class RayBackend(EngineBackend):
     # -- submitting ----------------------------------------------------------------
 
     def _remote_for(self, fn: Callable[..., Any]) -> Any:
-        """The remote function running ``fn``, or None to send ``fn`` with the call.
+        """What submits a call of ``fn`` given its packed arguments (see call_packing).
 
         Exporting a function once and sending only arguments is what makes Ray fast
         (a function argument costs Ray as much as the task itself). The cache is keyed
@@ -260,28 +249,25 @@ class RayBackend(EngineBackend):
         captured state changed is exported anew: each task sees the function as it
         was at its submit, as with the stdlib. Called under the submit lock.
         """
-        if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
-            return None  # partials, methods, callable objects: state travels per call
-        key, blob = self._pickler(fn)  # importable functions are pickled only once
-        if len(blob) > MAX_EXPORT_BYTES:
-            return None
+        key, blob = self.packer.function(fn)  # importable functions are pickled only once
+        if len(blob) > MAX_EXPORT_BYTES or not isinstance(fn, (types.FunctionType,
+                                                               types.BuiltinFunctionType)):
+            return functools.partial(self._call_any.remote, key, blob)  # state travels per call
         remote = self._remotes.get(key)
         if remote is not None:
             self._remotes.move_to_end(key)
-            return remote
-        remote = self._ray.remote(**self._remote_options)(_bind(fn, self.init_spec))
+            return remote.remote
+        name = getattr(fn, "__name__", "task")
+        remote = self._ray.remote(**self._remote_options)(_bind(key, blob, name))
         self._remotes[key] = remote
         if len(self._remotes) > REMOTE_CACHE_SIZE:
             self._remotes.popitem(last=False)
-        return remote
+        return remote.remote
 
     def _engine_submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
         try:
-            remote = self._remote_for(fn)
-            if remote is not None:
-                return remote.remote(*args, **kwargs)
-            return self._call_any.remote(fn, *args, **kwargs)
+            return self._remote_for(fn)(self.packer.arguments(args, kwargs))
         except TypeError as exc:
             raise unwrap_pickling_error(exc) from None
 

@@ -20,11 +20,9 @@ which tasks are still queued and cancels exactly those, as the stdlib does.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
-import pickle
 import secrets
 import select
 import threading
@@ -39,7 +37,7 @@ from typing import Any
 import zmq
 
 from .. import exit_hooks, protocol, serialize
-from ..code_bundle import BundleMaker, with_code
+from ..call_packing import CallPacker
 from ..dispatch import task_label
 from ..errors import (
     InitializerFailed,
@@ -51,7 +49,6 @@ from ..errors import (
     unpickling_failed,
 )
 from ..futures import new_future
-from ..initializer import InitializedCall, InitSpec
 from ..io_thread import IOThread
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..protocol import ByeReason, Kind, PeerRole, Status
@@ -148,15 +145,9 @@ class RemoteBackend:
             raise ValueError(f"not a scheduler address: {address!r} (use tcp://HOST:PORT or ipc:///PATH)")
         self._chunked = address.startswith("tcp://")  # see serialize: pays off when encrypted
         self._ids = itertools.count(1)
-        # Each function blob carries the main script and the local modules, which the
-        # shared workers keep apart per client (see code_bundle).
-        self._bundles = BundleMaker(ship_modules)
-        self._main = self._bundles.main is not None
-        self._pickle_fn = serialize.FunctionPickler(main=self._main)
-        self._pickle_lock = threading.Lock()
-        self._init = (InitSpec.create(initializer, initargs, main=self._main)
-                      if initializer is not None else None)
-        self._wrapped: dict[tuple[bytes, str], tuple[bytes, bytes]] = {}
+        # Each function blob carries the initializer, the main script and the local
+        # modules, which the shared workers keep apart per client (see code_bundle).
+        self._packer = CallPacker(initializer, tuple(initargs), ship_modules=ship_modules)
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
                              reconnect_timeout=float(reconnect_timeout))
         self._io.start(float(connect_timeout))
@@ -195,25 +186,7 @@ class RemoteBackend:
         return futures
 
     def _pickle(self, fn: Any) -> tuple[bytes, bytes]:
-        with self._pickle_lock:
-            key, blob = self._pickle_fn(fn)
-            bundle = self._bundles.current()
-            if self._init is None and bundle is None:
-                return key, blob
-            cache_key = (key, bundle.token if bundle is not None else "")
-            hit = self._wrapped.get(cache_key)
-            if hit is None:
-                if self._init is None:
-                    wrapped = blob
-                else:
-                    wrapped = pickle.dumps(InitializedCall(self._init, blob), protocol=5)
-                if bundle is not None:
-                    wrapped = with_code(bundle, wrapped)
-                hit = (hashlib.blake2b(wrapped, digest_size=16).digest(), wrapped)
-                if len(self._wrapped) > 1024:
-                    self._wrapped.clear()
-                self._wrapped[cache_key] = hit
-            return hit
+        return self._packer.function(fn)
 
     def _make(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], future: Future,
               fn_pickle: Any) -> _Pending | None:
@@ -226,7 +199,7 @@ class RemoteBackend:
             elif isinstance(fn_pickle, BaseException):
                 raise fn_pickle
             key, blob = fn_pickle
-            frames = serialize.dumps_args(args, kwargs, chunked=self._chunked, main=self._main)
+            frames = self._packer.frames(args, kwargs, chunked=self._chunked)
         except BaseException as exc:  # noqa: BLE001 - the future carries the pickling error
             future.set_exception(exc)
             return None
