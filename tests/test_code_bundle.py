@@ -145,3 +145,18 @@ def test_ship_modules_is_checked_and_bounded(monkeypatch):
     monkeypatch.setattr(code_bundle, "MAX_BUNDLE_BYTES", 1000)
     with pytest.raises(ValueError, match="install it on the workers and pass ship_modules=False"):
         BundleMaker(["json"]).current()
+
+
+@pytest.mark.parametrize("engine", ["dask", "ray"])
+def test_the_example_runs_unchanged_on_the_engines(example, tmp_path, engine, request):
+    # Before, the initializer's global was not the one the tasks read there, and the
+    # example's own check failed.
+    from test_main_script import engine_address
+
+    address, env = engine_address(request, engine)
+    plain = run([sys.executable, str(example), "6"], example.parent)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run([sys.executable, "-m", "farpool", "run", "--address", address, str(example), "6"],
+               elsewhere, **env)
+    assert (done.returncode, done.stdout) == (0, plain.stdout), done.stderr[-3000:]
