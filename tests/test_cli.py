@@ -50,3 +50,16 @@ def test_keygen_writes_a_private_key_file(tmp_path):
     assert str(path) in done.stdout
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "client-secret" in path.read_text()
+    assert 'role = "client"' in (tmp_path / "keys" / "authorized" / "node1.key").read_text()
+
+
+def test_keygen_role_and_bad_names_are_clear(tmp_path):
+    env = {**os.environ, "FARPOOL_KEY_DIR": str(tmp_path / "keys")}
+    done = run_farpool("keygen", "--role", "worker", "--name", "node2", env=env)
+    assert done.returncode == 0, done.stderr
+    assert 'role = "worker"' in (tmp_path / "keys" / "authorized" / "node2.key").read_text()
+    bad = run_farpool("keygen", "--name", "bad name", env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr  # was a traceback
+    assert "key name 'bad name'" in bad.stderr
+    wrong = run_farpool("keygen", "--role", "admin", env=env)
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr

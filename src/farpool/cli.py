@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", allow_abbrev=False,
                        help="make a key file that lets another host's workers and clients in")
     p.add_argument("--name", default="client", help="name of the key (default: client)")
+    p.add_argument("--role", default="client", choices=("client", "worker", "operator"),
+                   help="what the key may do: submit tasks (client, the default), run them "
+                   "(worker: a `farpool worker` host), or both and read the whole status "
+                   "(operator)")
     p.add_argument("--key-dir", default=None, help="key directory (default: $FARPOOL_KEY_DIR or "
                    "~/.config/farpool/keys)")
     p.set_defaults(func=_run_keygen)
@@ -235,9 +239,14 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
+    from .errors import SecurityError
     from .security import keygen
 
-    path = keygen(args.key_dir, name=args.name)
+    try:
+        path = keygen(args.key_dir, name=args.name, role=args.role)
+    except (ValueError, SecurityError) as exc:
+        print(f"farpool keygen: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {path}\ncopy it (keep it private, mode 0600) to the other host and pass it as "
           "--key-file PATH or in $FARPOOL_KEY")
     return 0

@@ -41,6 +41,7 @@ import zmq
 from . import protocol
 from .dispatch import Dispatcher, Task, plan_loss
 from .fncache import FN_CACHE_SIZE, SentFunctions
+from .key_policy import KeyPolicy
 from .liveness import heartbeat_limit
 from .log_limit import OncePerSecond
 from .protocol import ByeReason, Kind, PeerRole, Status
@@ -118,6 +119,7 @@ class Peer:
     workers: set[bytes] = field(default_factory=set)
     retiring: bool = False
     unreachable: float = 0.0  # workers: when a send found their connection gone
+    key: bytes | None = None  # the CURVE key it joined with (see key_policy)
 
     @property
     def name(self) -> str:
@@ -152,13 +154,21 @@ class Scheduler:
         self.malformed_log = OncePerSecond()
         self._keys_loaded = time.monotonic()
 
+        self.policy = KeyPolicy(None)
+        self._key: bytes | None = None  # the key of the message being handled
         self.ctx = zmq.Context()
         self.auth = None
         self.router = _router(self.ctx, heartbeat, liveness, max_message_bytes)
         try:
             if keys is not None:
-                from .security import Authenticator, configure_server
+                from .security import Authenticator, configure_server, load_key_roles
 
+                self.policy = KeyPolicy(load_key_roles(keys.key_dir))
+                legacy = self.policy.legacy_names()
+                if legacy:
+                    log.warning("key file(s) %s name no role: they may act as client and as worker "
+                                "(operator). Re-issue them with `farpool keygen --role client` or "
+                                "`--role worker` and delete the old files", ", ".join(legacy))
                 self.auth = Authenticator(self.ctx, keys.authorized).start()
                 configure_server(self.router, keys)
             self.router.bind(address)
@@ -224,6 +234,11 @@ class Scheduler:
                 self.dropped(identity, str(exc))
                 continue
             peer = self.peers.get(identity)
+            if self.policy.enforced:
+                self._key = _user_id(frames[1])
+                if peer is not None and peer.key != self._key:
+                    self.dropped(identity, "a message with another key than the peer joined with")
+                    continue
             if peer is not None:
                 peer.last_seen = time.monotonic()
             elif msg.kind not in (Kind.HELLO, Kind.STATUS):
@@ -263,14 +278,14 @@ class Scheduler:
     def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         hello: protocol.Hello = msg.body[0]
         info = hello.info
-        refusal = refusal_of(hello)
+        refusal = refusal_of(hello) or self.policy.refusal(self._key, hello.role)
         if refusal is not None:
             self.refuse(identity, refusal)
             return
         role = PeerRole(hello.role)
         if peer is not None:
             self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
-        peer = Peer(identity, role, info)
+        peer = Peer(identity, role, info, key=self._key)
         if hello.heartbeat is not None and hello.heartbeat <= MAX_PEER_HEARTBEAT:
             peer.heartbeat = hello.heartbeat
         self.peers[identity] = peer
@@ -404,7 +419,11 @@ class Scheduler:
                                  f"with {lost.how}", (lost.running, lost.done))
 
     def on_status(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
-        self.send(identity, protocol.encode(Kind.STATUS_REPLY, [status_report(self)]))
+        if self.policy.full_status(self._key):
+            report = status_report(self)
+        else:
+            report = totals_report(self, self._key)
+        self.send(identity, protocol.encode(Kind.STATUS_REPLY, [report]))
 
     # -- peers leaving -------------------------------------------------------------
     def forget(self, peer: Peer, why: str, *, orderly: bool = False) -> None:
@@ -473,12 +492,22 @@ class Scheduler:
         if self.auth is None or now - self._keys_loaded < RELOAD_KEYS_SECONDS:
             return
         self._keys_loaded = now
-        from .security import load_authorized
+        from .security import load_key_roles
 
         try:
-            self.auth.allow(load_authorized(self.keys.key_dir))
+            roles = load_key_roles(self.keys.key_dir)
         except Exception as exc:  # noqa: BLE001 - keep the old list, say why
             log.error("could not reload authorized keys: %s", exc)
+            return
+        self.auth.allow(list(roles))
+        self.policy.update(roles)
+        # ZAP runs only at a handshake: connections made with a key revoked since (or
+        # whose role changed) are cut here.
+        for peer in list(self.peers.values()):
+            why = self.policy.revoked(peer.key, peer.role)
+            if why is not None:
+                self.refuse(peer.identity, why)
+                self.forget(peer, f"its {why}")
 
     # -- output --------------------------------------------------------------------
     def dispatch(self) -> None:
@@ -543,6 +572,30 @@ def status_report(scheduler: Scheduler) -> dict[str, Any]:
         "queued": d.queued, "running": d.in_flight(), "done": d.done,
         **{k: v for k, v in sorted(scheduler.counters.items())},
     }
+
+
+def totals_report(scheduler: Scheduler, key: bytes | None) -> dict[str, Any]:
+    """STATUS for a client key: totals, and its own unfinished tasks; no peer's id, pid
+    or host name."""
+    d = scheduler.dispatcher
+    peers = scheduler.peers.values()
+    return {
+        "session": scheduler.session, "address": scheduler.address,
+        "uptime": round(time.time() - scheduler.started, 1),
+        "clients": sum(p.role == PeerRole.CLIENT for p in peers), "supervisors": [],
+        "workers": [{"slots": s.slots, "held": len(s.held)} for s in d.workers.values()],
+        "slots": sum(s.slots for s in d.workers.values()),
+        "queued": d.queued, "running": d.in_flight(), "done": d.done,
+        "yours": sum(len(p.tasks) for p in peers if p.role == PeerRole.CLIENT and p.key == key),
+    }
+
+
+def _user_id(frame: Any) -> bytes | None:
+    """The CURVE public key (Z85) ZAP admitted the frame's sender with."""
+    try:
+        return str(frame.get("User-Id")).encode()
+    except (zmq.ZMQError, AttributeError):
+        return None
 
 
 def _router(ctx: zmq.Context, heartbeat: float, liveness: int, max_message_bytes: int) -> zmq.Socket:

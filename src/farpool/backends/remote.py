@@ -50,6 +50,7 @@ from ..errors import (
 )
 from ..futures import new_future
 from ..io_thread import IOThread
+from ..key_policy import KEY_REFUSAL
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..protocol import ByeReason, Kind, PeerRole, Status
 from .options import check_initializer, check_max_workers, check_retries
@@ -445,8 +446,9 @@ class _RemoteIO(IOThread):
                 handler(self, msg)
 
     def on_refuse(self, msg: protocol.Message) -> None:
-        error = VersionMismatch(f"the scheduler at {self.address} refused this client: "
-                                f"{msg.body[0]}")
+        reason = msg.body[0]
+        kind = SecurityError if reason.startswith(KEY_REFUSAL) else VersionMismatch
+        error = kind(f"the scheduler at {self.address} refused this client: {reason}")
         if not self.ever_welcomed:
             self.connect_error = error
             self.connected.set()

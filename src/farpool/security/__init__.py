@@ -34,8 +34,10 @@ from farpool.security.curve import MIN_LIBZMQ, require_curve
 from farpool.security.keys import KEY_DIR_ENV as KEY_DIR_ENV
 from farpool.security.keys import KEY_ENV as KEY_ENV
 from farpool.security.keys import (
+    ROLES,
     ClusterKeys,
     KeyPair,
+    KeyRole,
     client_keys,
     default_key_dir,
     ensure_keys,
@@ -43,6 +45,7 @@ from farpool.security.keys import (
     keygen,
     load_authorized,
     load_key_file,
+    load_key_roles,
     parse_key_file,
     write_key_file,
 )
@@ -66,6 +69,9 @@ __all__ = [
     "keygen",
     "load_authorized",
     "load_key_file",
+    "load_key_roles",
+    "KeyRole",
+    "ROLES",
     "parse_key_file",
     "require_curve",
     "requires_keys",

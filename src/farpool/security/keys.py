@@ -77,6 +77,9 @@ __all__ = [
     "keygen",
     "load_authorized",
     "load_key_file",
+    "load_key_roles",
+    "KeyRole",
+    "ROLES",
     "parse_key_file",
     "write_key_file",
 ]
@@ -160,36 +163,68 @@ def ensure_keys(key_dir: str | os.PathLike[str] | None = None) -> ClusterKeys:
         if created:
             # Replace, not add: a new local client key (after the old one was deleted)
             # also takes the old one's place in the allow-list.
-            _write_private(authorized / "local.key", _cert_text(KeyPair(client.public), "client"),
-                           replace=True)
+            _write_private(authorized / "local.key",
+                           _cert_text(KeyPair(client.public), "client", role="operator"), replace=True)
         return ClusterKeys(server, client, load_authorized(directory), directory)
 
 
+class KeyRole(NamedTuple):
+    """What an allowed key may do (``role``: one of ROLES), and which file said so."""
+
+    role: str
+    name: str
+    """The file's name without ``.key``."""
+    legacy: bool
+    """The file names no role (made before roles existed): it may do anything."""
+
+
+# A client key submits tasks; a worker key runs them (a `farpool worker` host and its
+# processes); an operator key does both and reads the whole status (this host's own).
+ROLES = ("client", "worker", "operator")
+
+
 def load_authorized(key_dir: str | os.PathLike[str] | None = None) -> list[bytes]:
-    """The allowed client public keys of ``key_dir``: one per ``authorized/*.key`` file.
+    """The allowed public keys of ``key_dir``: one per ``authorized/*.key`` file.
 
     Call it again (and pass the result to :meth:`Authenticator.allow`) to pick up keys
     added or removed since; the order is by file name, duplicates dropped.
+    """
+    return list(load_key_roles(key_dir))
+
+
+def load_key_roles(key_dir: str | os.PathLike[str] | None = None) -> dict[bytes, KeyRole]:
+    """The allowed public keys of ``key_dir`` with their roles, in file-name order.
+
+    A key file's role is its ``role = ...`` line (``farpool keygen --role``). A file
+    without one was made before roles: it is an operator key (the migration keeps old
+    key directories working; ``legacy`` says so, and the scheduler warns at start).
+    ``local.key``, this host's own key, is an operator key.
     """
     directory = Path(key_dir if key_dir is not None else default_key_dir()).expanduser().absolute()
     _check_key_dir(directory)
     authorized = directory / "authorized"
     _check_dir(authorized)
-    keys: list[bytes] = []
+    keys: dict[bytes, KeyRole] = {}
     for path in sorted(authorized.glob("*.key")):
         text = _read_checked(path, secret=False)
-        fields = _fields(text, str(path), ("public-key",))
+        fields = _fields(text, str(path), ("public-key", "role"))
         if "public-key" in fields:
             key = _z85_key(fields["public-key"], "public-key", str(path))
         else:  # a file holding one bare key
             key = _z85_key(text.strip(), "public key", str(path))
+        role = fields.get("role")
+        if role is not None and role not in ROLES:
+            raise SecurityError(f"{path}: role {role[:20]!r} is not one of {', '.join(ROLES)}")
+        name = path.name[: -len(".key")]
         if key not in keys:
-            keys.append(key)
+            keys[key] = KeyRole(role or "operator", name, role is None and name != "local")
     return keys
 
 
-def keygen(key_dir: str | os.PathLike[str] | None = None, *, name: str = "client") -> Path:
-    """Make a new client pair, authorize it, and write a cluster key file for a remote host.
+def keygen(key_dir: str | os.PathLike[str] | None = None, *, name: str = "client",
+           role: str = "client") -> Path:
+    """Make a new key pair, authorize it for ``role`` (see ROLES), and write a cluster
+    key file for a remote host.
 
     The public key goes to ``authorized/NAME.key`` (``NAME-2``, ``NAME-3``... if taken)
     and the cluster key file to ``issued/NAME.cluster-key``, whose path is returned:
@@ -199,11 +234,13 @@ def keygen(key_dir: str | os.PathLike[str] | None = None, *, name: str = "client
     """
     if not _NAME.fullmatch(name):
         raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if role not in ROLES:
+        raise ValueError(f"key role {role!r}: one of {', '.join(ROLES)}")
     keys = ensure_keys(key_dir)
     issued = keys.key_dir / "issued"
     _make_private_dir(issued)
     pair = KeyPair.generate()
-    public_text = _cert_text(KeyPair(pair.public), name)
+    public_text = _cert_text(KeyPair(pair.public), name, role=role)
     number = 1
     while True:
         taken = name if number == 1 else f"{name}-{number}"
@@ -339,11 +376,14 @@ def _fields(text: str, source: str, wanted: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def _cert_text(pair: KeyPair, role: str) -> str:
+def _cert_text(pair: KeyPair, name: str, *, role: str | None = None) -> str:
     kind = "public" if pair.secret is None else "SECRET"
-    lines = [f"#   farpool CURVE {kind} certificate ({role}), ZPL format as czmq and pyzmq write it",
+    lines = [f"#   farpool CURVE {kind} certificate ({name}), ZPL format as czmq and pyzmq write it",
              "#   Keep this file to yourself (mode 0600)." if pair.secret else "#",
-             "", "metadata", "curve", f'    public-key = "{pair.public.decode()}"']
+             "", "metadata"]
+    if role is not None:
+        lines.append(f'    role = "{role}"')
+    lines += ["curve", f'    public-key = "{pair.public.decode()}"']
     if pair.secret is not None:
         lines.append(f'    secret-key = "{pair.secret.decode()}"')
     return "\n".join(lines) + "\n"
