@@ -463,3 +463,24 @@ def test_dask_compute_with_a_farpool_executor_as_its_scheduler(executor):
     assert dask.compute(graph, scheduler=executor) == (12,)
     folded = dask.bag.from_sequence(range(100), npartitions=4).fold(operator.add)
     assert folded.compute(scheduler=executor) == 4950
+
+
+def test_futures_as_arguments_form_a_chain(executor):
+    # ex.submit(g, ex.submit(f, x)): each input is replaced by its result before the
+    # task runs (before: TypeError: cannot pickle '_thread.RLock' object).
+    first = executor.submit(square, 3)
+    second = executor.submit(add, first, 1)
+    third = executor.submit(add, second, b=second)
+    assert third.result(timeout=30) == 20
+    assert executor.submit(sum, [first, second, 5]).result(timeout=30) == 24
+    assert list(executor.map(add, [first, 1], [second, 2])) == [19, 3]
+
+
+def test_a_failure_in_the_middle_of_a_chain_reaches_its_end(executor):
+    first = executor.submit(square, 2)
+    middle = executor.submit(raise_boom, first)
+    last = executor.submit(add, middle, 1)
+    error = last.exception(timeout=30)
+    assert isinstance(error, farpool.InputFailed)
+    assert isinstance(error.__cause__, Boom) and str(error.__cause__) == "4"
+    assert "Boom" in str(error)

@@ -12,7 +12,8 @@ import concurrent.futures as cf
 import pytest
 
 import farpool
-from farpool.dependencies import InputFailed, Pending, find
+from farpool.dependencies import InputFailed, Pending
+from farpool.dependencies import find_futures as find
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,6 +8,7 @@ worker daemons, or on Dask or Ray, picked by ``address`` or ``FARPOOL_ADDRESS``.
 from __future__ import annotations
 
 from .client import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from .dependencies import InputFailed
 from .errors import (
     BackendUnavailable,
     FarpoolError,
@@ -29,6 +30,7 @@ __all__ = [
     "Executor",
     "FarpoolError",
     "InitializerFailed",
+    "InputFailed",
     "ProcessPoolBroken",
     "ProcessPoolExecutor",
     "ProtocolError",

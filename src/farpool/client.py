@@ -22,15 +22,17 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from .backends import open_backend
 from .backends.base import LocalBackend
+from .dependencies import Pending, find_futures
 
 __all__ = ["Executor", "ProcessPoolExecutor", "ThreadPoolExecutor", "DEFAULT_ADDRESS"]
 
 DEFAULT_ADDRESS = "processes"
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
@@ -84,7 +86,15 @@ class Executor(concurrent.futures.Executor):
     ``FARPOOL_ADDRESS`` environment variable is used, and when that is unset,
     ``"processes"``. Extra keyword ``options`` go to the backend (for example
     ``max_tasks_per_child`` or ``retries``).
+
+    A future among a call's arguments (``ex.submit(g, ex.submit(f, x))``) is replaced
+    by its result before the call runs; the call waits for it without holding a
+    worker, and fails with ``farpool.InputFailed`` if it failed (see
+    ``farpool.dependencies``).
     """
+
+    # The drop-in thread pool passes futures to its tasks as they are, as the stdlib's.
+    _resolves_futures = True
 
     def __init__(self, address: str | None = None, *, max_workers: int | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
@@ -94,6 +104,9 @@ class Executor(concurrent.futures.Executor):
         self.address = address
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
+        # Futures of calls waiting for futures among their arguments (dependencies).
+        self._waiting: set[Future] = set()
+        self._waiting_lock = threading.Lock()
         self._backend = open_backend(address, max_workers=max_workers, initializer=initializer,
                                      initargs=tuple(initargs), **options)
 
@@ -108,13 +121,43 @@ class Executor(concurrent.futures.Executor):
         if broken is not None:
             raise self._backend.broken_type(str(broken))
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``."""
         if not callable(fn):
             raise TypeError(f"{type(fn).__name__!r} object is not callable")
+        if self._resolves_futures:
+            inputs = find_futures(args, kwargs)
+            if inputs:
+                return self._submit_when_ready(fn, args, kwargs, inputs)
         with self._shutdown_lock:
             self._check_open()
             return self._backend.submit(fn, args, kwargs)
+
+    def _submit_when_ready(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                           kwargs: dict[str, Any], inputs: list[Future]) -> Future:
+        """A call with futures among its arguments: submitted once they are done, with
+        their results in their place (see farpool.dependencies)."""
+        with self._shutdown_lock:
+            self._check_open()
+        # Outside the lock: an input done already submits the call at once.
+        pending = Pending(fn, args, kwargs, inputs, self._submit_ready)
+        with self._waiting_lock:
+            self._waiting.add(pending.future)
+        pending.future.add_done_callback(self._waiting_done)
+        return pending.future
+
+    def _submit_ready(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Future:
+        # Accepted before any shutdown: it runs even when its inputs end after one
+        # (shutdown waits for it), unless the backend is gone.
+        broken = self._backend.broken
+        if broken is not None:
+            raise self._backend.broken_type(str(broken))
+        return self._backend.submit(fn, args, kwargs)
+
+    def _waiting_done(self, future: Future) -> None:
+        with self._waiting_lock:
+            self._waiting.discard(future)
 
     def _submit_many(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Future]:
         with self._shutdown_lock:
@@ -128,7 +171,15 @@ class Executor(concurrent.futures.Executor):
         if "submit" in vars(self) or type(self).submit is not Executor.submit:
             submit = self.submit
             return lambda fn, calls: [submit(fn, *args) for args in calls]
-        return self._submit_many
+        if not self._resolves_futures:
+            return self._submit_many
+
+        def submit_many(fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Future]:
+            if any(find_futures(args, {}) for args in calls):
+                return [self.submit(fn, *args) for args in calls]  # futures among them
+            return self._submit_many(fn, calls)
+
+        return submit_many
 
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None) -> Iterator[T]:
@@ -196,6 +247,14 @@ class Executor(concurrent.futures.Executor):
         """
         with self._shutdown_lock:
             self._shutdown = True
+        with self._waiting_lock:
+            waiting = list(self._waiting)
+        if cancel_futures:
+            for future in waiting:
+                future.cancel()
+        if wait and waiting:
+            # Calls still waiting for their inputs need the backend open to run.
+            concurrent.futures.wait(waiting)
         self._backend.shutdown(wait, cancel_futures)
 
     @property
@@ -294,6 +353,8 @@ class ThreadPoolExecutor(Executor, concurrent.futures.ThreadPoolExecutor):  # ty
     runs none of the stdlib's machinery, and it always runs threads of this process,
     whatever ``FARPOOL_ADDRESS`` says.
     """
+
+    _resolves_futures = False
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "",
                  initializer: Callable[..., Any] | None = None,

@@ -2,7 +2,7 @@
 
 A future cannot travel to a worker (it holds a lock), and a task that waited for one
 inside a worker would hold that worker idle. So the executor finds futures among a
-call's arguments (``find``: the arguments themselves, and the items of a list, tuple,
+call's arguments (``find_futures``: the arguments themselves, and the items of a list, tuple,
 set or dict argument, up to ``MAX_SCAN`` of them), hands back a future of its own at
 once, and submits the call only when its inputs are done (``Pending``), with each input
 replaced by its result. If an input failed, the call fails with ``InputFailed`` (its
@@ -23,7 +23,7 @@ from typing import Any
 from .errors import FarpoolError
 from .futures import new_future
 
-__all__ = ["InputFailed", "Pending", "find"]
+__all__ = ["InputFailed", "Pending", "find_futures"]
 
 # Containers with more items than this are passed as they are, unscanned: a submit
 # must stay cheap for a call with a million-item list.
@@ -35,7 +35,7 @@ class InputFailed(FarpoolError):
     """A task's argument was a future that failed; ``__cause__`` is its exception."""
 
 
-def find(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Future]:
+def find_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Future]:
     """The futures among a call's arguments (see the module docstring), in order."""
     found: list[Future] = []
     for value in (*args, *kwargs.values()):
