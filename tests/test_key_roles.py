@@ -231,3 +231,31 @@ def test_key_files_without_a_role_keep_working_as_operators(key_dir, tmp_path):
         assert "local" not in KeyPolicy(roles).legacy_names()
     finally:
         path.unlink()
+
+
+def test_a_worker_without_a_supervisor_that_vanishes_has_its_tasks_handled(daemons, tmp_path):
+    """A worker process with no `farpool worker` behind it (a peer's own script) takes
+    a task and disconnects. Before, the task stayed pending for as long as nothing else
+    was sent to that worker (30 s and more): no supervisor reports it LOST. Now the
+    scheduler probes such workers every heartbeat, notices within a few seconds, and
+    handles the task as a lost worker's: it fails with WorkerLost (or reruns, with
+    retries)."""
+    scheduler, address = start_scheduler(tmp_path, heartbeat=HEARTBEAT)
+    daemons.append(scheduler)
+    fake = Peer(address, client_keys())  # this host's key: an operator may be a worker
+    try:
+        hello = {"role": "worker", "pid": 4242, "slots": 1, **protocol.version_info()}
+        fake.send(Kind.HELLO, [hello])
+        with farpool.Executor(address, heartbeat=HEARTBEAT, retries=1) as ex:
+            held = ex.submit(pow, 2, 10)
+            got = fake.recv(10)
+            assert got is not None and got.kind is Kind.TASKS
+            daemons.append(start_worker(address, tmp_path, nprocs=1))
+            wait_for_workers(address, 2)
+            fake.close()
+            gone = time.monotonic()
+            assert held.result(timeout=20) == 1024  # rerun on the real worker
+            assert time.monotonic() - gone < 10
+    finally:
+        if not fake.sock.closed:
+            fake.close()

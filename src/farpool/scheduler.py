@@ -486,6 +486,12 @@ class Scheduler:
                 self.forget(peer, f"stopped answering (no heartbeat for {limit:g} s)")
             elif peer.unreachable and now - peer.unreachable > UNREACHABLE_GRACE:
                 self.forget(peer, "disconnected")
+            elif (peer.role == PeerRole.WORKER and not peer.unreachable
+                  and peer.supervisor not in self.peers):
+                # No supervisor vouches for it (nor says LOST when it dies), and a worker
+                # in a long task sends nothing: a send is how its gone connection shows
+                # (ROUTER_MANDATORY), then the grace above, then its tasks are handled.
+                self.send(peer.identity, _PROBE)
 
     def reload_keys(self, now: float) -> None:
         """Pick up keys added by `farpool keygen` (or removed) since start."""
@@ -572,6 +578,9 @@ def status_report(scheduler: Scheduler) -> dict[str, Any]:
         "queued": d.queued, "running": d.in_flight(), "done": d.done,
         **{k: v for k, v in sorted(scheduler.counters.items())},
     }
+
+
+_PROBE = protocol.encode(Kind.HEARTBEAT)
 
 
 def totals_report(scheduler: Scheduler, key: bytes | None) -> dict[str, Any]:
