@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
+import pytest
+
+import farpool
 from farpool.cli import _is_prime, _probably_prime, _workload
 
 
@@ -63,3 +68,34 @@ def test_keygen_role_and_bad_names_are_clear(tmp_path):
     assert "key name 'bad name'" in bad.stderr
     wrong = run_farpool("keygen", "--role", "admin", env=env)
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+
+
+@pytest.mark.parametrize("address, says", [
+    ("tcp://host", "no port (use tcp://HOST:PORT, e.g. tcp://host:5555)"),
+    ("host:5555", "use tcp://host:5555"),
+    ("tcp://127.0.0.1:99999", "port 99999 is out of range (1-65535)"),
+    ("tcp://127.0.0.1:http", "port 'http' is not a number"),
+    ("ipc://", "no path"),
+])
+def test_bad_scheduler_addresses_are_named_at_once(address, says):
+    # Before: libzmq's bare "Invalid argument", or a 10 s wait for port 99999.
+    from farpool.addresses import check_address
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        check_address(address)
+    started = time.monotonic()
+    for command in (["status", address, "--timeout", "5"], ["worker", address]):
+        done = run_farpool(*command)
+        assert done.returncode != 0 and says in done.stderr, done.stderr
+    assert time.monotonic() - started < 10
+    with pytest.raises(ValueError, match=re.escape(says)):
+        farpool.Executor(address)
+
+
+def test_bind_addresses_may_name_any_port():
+    from farpool.addresses import check_address
+
+    for address in ("tcp://*:0", "tcp://0.0.0.0:*", "tcp://127.0.0.1:5555", "ipc:///tmp/x"):
+        assert check_address(address, bind=True) == address
+    with pytest.raises(ValueError, match="out of range"):
+        check_address("tcp://*:70000", bind=True)

@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 
 from . import protocol
+from .addresses import check_address
 from .errors import SecurityError
 from .protocol import Kind
 from .scheduler import DEFAULT_HEARTBEAT, Scheduler
@@ -65,6 +66,7 @@ def _fail(message: str) -> int:
 def run_scheduler(args: argparse.Namespace) -> int:
     _setup_logging()
     try:
+        check_address(args.bind, bind=True)
         keys = _server_keys(args)
         scheduler = Scheduler(args.bind, keys=keys, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
     except (SecurityError, zmq.ZMQError, ValueError) as exc:
@@ -86,6 +88,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     _setup_logging()
     try:
+        check_address(args.address)
         curve = _client_curve(args.address, args.key_file, args.insecure)
         node = Node(args.address, nprocs=args.nprocs or os.cpu_count() or 1,
                     max_tasks=args.max_tasks_per_child, name=args.name,
@@ -102,6 +105,7 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     _setup_logging()
     try:
+        check_address(args.bind, bind=True)
         keys = _server_keys(args)
         scheduler = Scheduler(args.bind, keys=keys)
         curve = None if keys is None else (keys.server.public, keys.client)
@@ -157,6 +161,7 @@ def printable(text: Any) -> str:
 
 def run_status(args: argparse.Namespace) -> int:
     try:
+        check_address(args.address)
         curve = _client_curve(args.address, args.key_file, args.insecure)
         info = query_status(args.address, curve=curve, timeout=args.timeout)
     except (SecurityError, TimeoutError, protocol.ProtocolError, zmq.ZMQError, ValueError) as exc:

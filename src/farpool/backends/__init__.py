@@ -40,7 +40,8 @@ def open_backend(address: str, **options: Any) -> Backend:
     target = SCHEMES.get(scheme)
     if target is None:
         known = ", ".join(sorted(SCHEMES))
-        raise ValueError(f"unknown farpool address {address!r}: the scheme must be one of {known}")
+        hint = f"; for a scheduler, use tcp://{address}" if ":" in address and "://" not in address else ""
+        raise ValueError(f"unknown farpool address {address!r}: the scheme must be one of {known}{hint}")
     module_name, _, factory = target.partition(":")
     module = importlib.import_module(module_name)
     open_it = getattr(module, factory)

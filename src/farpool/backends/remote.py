@@ -37,6 +37,7 @@ from typing import Any
 import zmq
 
 from .. import exit_hooks, protocol, serialize
+from ..addresses import check_address
 from ..call_packing import CallPacker
 from ..dispatch import task_label
 from ..errors import (
@@ -133,6 +134,7 @@ class RemoteBackend:
                             ("reconnect_timeout", reconnect_timeout)):
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        check_address(address)
         curve = None
         if address.startswith("tcp://"):
             if insecure:
@@ -142,8 +144,7 @@ class RemoteBackend:
                 from ..security import client_keys
 
                 curve = client_keys(key_file)
-        elif not address.startswith("ipc://") or len(address) <= len("ipc://"):
-            raise ValueError(f"not a scheduler address: {address!r} (use tcp://HOST:PORT or ipc:///PATH)")
+
         self._chunked = address.startswith("tcp://")  # see serialize: pays off when encrypted
         self._ids = itertools.count(1)
         # Each function blob carries the initializer, the main script and the local
