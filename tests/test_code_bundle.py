@@ -98,12 +98,12 @@ def clean_namespaces():
     sys.modules.pop("fp_shipped_demo", None)
 
 
-def bundle(token: str, value: int, main_value: int | None = None) -> CodeBundle:
+def bundle(token: str, value: int, main_value: int | None = None, *more: ShippedModule) -> CodeBundle:
     module = ShippedModule("fp_shipped_demo", f"/{token}/fp_shipped_demo.py", f"VALUE = {value}\n", False)
     main = None
     if main_value is not None:
         main = MainScript(f"/{token}/script.py", f"X = {main_value}\n", None, ("script.py",), token)
-    return CodeBundle(token, main, (module,))
+    return CodeBundle(token, main, (module, *more), f"{token}-{len(more)}")
 
 
 def test_two_clients_code_of_the_same_name_never_meet(clean_namespaces):
@@ -124,9 +124,25 @@ def test_two_clients_code_of_the_same_name_never_meet(clean_namespaces):
         assert first("fp_shipped_demo").VALUE == 99  # ...is there for the next task
 
 
+def test_modules_imported_later_join_the_same_namespace(clean_namespaces):
+    # A script that imports another local module after its first tasks: its later
+    # functions come with a bigger bundle. The globals set so far (by a task, by the
+    # initializer) must still be there: a fresh namespace would silently lose them.
+    first = code_bundle._bind(bundle("one", 1, 10), pickle.dumps(importlib.import_module))
+    with first.namespace:
+        first("fp_shipped_demo").VALUE = 41
+    later = ShippedModule("fp_shipped_later", "/one/fp_shipped_later.py", "LATE = True\n", False)
+    second = code_bundle._bind(bundle("one", 1, 10, later), pickle.dumps(importlib.import_module))
+    assert second.namespace is first.namespace
+    with second.namespace:
+        assert second("fp_shipped_demo").VALUE == 41
+        assert second("fp_shipped_later").LATE is True
+    assert "fp_shipped_later" not in sys.modules
+
+
 def test_a_compiled_module_that_cannot_travel_is_named(clean_namespaces):
     compiled = ShippedModule("fp_compiled_demo", "/proj/fp_compiled_demo.so", None, False)
-    fn = code_bundle._bind(CodeBundle("c", None, (compiled,)), pickle.dumps(importlib.import_module))
+    fn = code_bundle._bind(CodeBundle("c", None, (compiled,), "c"), pickle.dumps(importlib.import_module))
     with fn.namespace, pytest.raises(ImportError, match="fp_compiled_demo is a compiled module .* "
                                      "install it on the workers"):
         fn("fp_compiled_demo")

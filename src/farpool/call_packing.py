@@ -58,7 +58,7 @@ class CallPacker:
             bundle = self.bundles.current()
             if self.init is None and bundle is None:
                 return key, blob
-            cache_key = (key, bundle.token if bundle is not None else "")
+            cache_key = (key, bundle.digest if bundle is not None else "")
             hit = self._wrapped.get(cache_key)
             if hit is None:
                 if self.init is not None:

@@ -55,9 +55,10 @@ class ShippedModule(NamedTuple):
 class CodeBundle(NamedTuple):
     """What a client's functions may need on a worker besides installed packages."""
 
-    token: str  # one namespace per distinct bundle of one client process
+    token: str  # the namespace: one per client process (and main script)
     main: MainScript | None
     modules: tuple[ShippedModule, ...]
+    digest: str  # of the contents: a bundle with modules imported since is another
 
 
 # -- the client's side ------------------------------------------------------------------------
@@ -115,10 +116,14 @@ class BundleMaker:
                              "install it on the workers and pass ship_modules=False")
         import hashlib
 
-        digest = hashlib.blake2b(_CLIENT.encode(), digest_size=8)
-        digest.update(repr((self.main.token if self.main else None,
-                            [(m.name, m.path, m.source) for m in modules])).encode())
-        return CodeBundle(digest.hexdigest(), self.main, modules)
+        # The namespace stays the same as the client imports more local modules: the
+        # worker adds them to it (Namespace.extend), and the globals the script's
+        # functions (and the initializer) set there stay.
+        token = hashlib.blake2b(f"{_CLIENT} {self.main.token if self.main else ''}".encode(),
+                                digest_size=8).hexdigest()
+        digest = hashlib.blake2b(repr([(m.name, m.path, m.source) for m in modules]).encode(),
+                                 digest_size=8).hexdigest()
+        return CodeBundle(token, self.main, modules, digest)
 
     def _local_modules(self) -> dict[str, types.ModuleType]:
         found: dict[str, types.ModuleType] = {}
@@ -202,6 +207,13 @@ class Namespace:
         self._saved: list[dict[str, types.ModuleType] | None] = []
         self._before_install: dict[str, types.ModuleType] = {}
 
+    def extend(self, bundle: CodeBundle) -> None:
+        """Modules the client imported since: added (those loaded already stay)."""
+        new = [m for m in bundle.modules if m.name not in self.sources]
+        if new:
+            self.sources.update((m.name, m) for m in new)
+            self.names = self.names | {m.name for m in new}
+
     def __enter__(self) -> Namespace:
         if _installed[0] is self:
             self._saved.append(None)  # in place already (install)
@@ -272,6 +284,8 @@ def _bind(bundle: CodeBundle, inner: bytes) -> InNamespace:
         namespace = _namespaces.get(bundle.token)
         if namespace is None:
             namespace = _namespaces[bundle.token] = Namespace(bundle)
+        else:
+            namespace.extend(bundle)
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
     with namespace:

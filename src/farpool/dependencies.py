@@ -70,11 +70,12 @@ class Pending:
         self.future: Future = new_future()
         self._call = (fn, args, kwargs)
         self._submit = submit
-        self._left = len({id(f) for f in inputs})
+        unique = list({id(f): f for f in inputs}.values())  # a future given twice waits once
+        self._left = len(unique)
         self._lock = threading.Lock()
         self._task: Future | None = None
         self.future.add_done_callback(self._on_caller_done)
-        for inp in {id(f): f for f in inputs}.values():
+        for inp in unique:
             inp.add_done_callback(self._input_done)
 
     def _input_done(self, inp: Future) -> None:

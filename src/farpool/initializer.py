@@ -21,8 +21,7 @@ from typing import Any, NamedTuple
 
 from .errors import InitializerFailed
 
-__all__ = ["InitSpec", "InitializedCall", "call_initialized", "ensure_initialized",
-           "run_initializer"]
+__all__ = ["InitSpec", "InitializedCall", "ensure_initialized", "run_initializer"]
 
 
 def run_initializer(initializer: Callable[..., Any] | None, initargs: tuple[Any, ...]) -> str | None:
@@ -50,7 +49,7 @@ class InitSpec(NamedTuple):
 
     @classmethod
     def create(cls, initializer: Callable[..., Any], initargs: tuple[Any, ...], *,
-               main: Any = None) -> InitSpec:
+               main: bool = False) -> InitSpec:
         """``main`` as for ``serialize.dumps``."""
         from . import serialize  # late: workers never create one
 
@@ -83,13 +82,6 @@ def _run_pickled(blob: bytes) -> str | None:
     except BaseException:  # noqa: BLE001 - reported as a failed initializer
         return "the initializer could not be unpickled in the worker:\n" + traceback.format_exc()
     return run_initializer(initializer, initargs)
-
-
-def call_initialized(spec: InitSpec, fn: Callable[..., Any], args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> Any:
-    """The task a shared worker runs when the executor has an initializer."""
-    ensure_initialized(spec)
-    return fn(*args, **kwargs)
 
 
 class InitializedCall:

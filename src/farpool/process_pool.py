@@ -33,7 +33,7 @@ from . import protocol, serialize
 from .dispatch import Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, WorkerLost
 from .futures import new_future
-from .main_script import client_script
+from .main_script import MainScript, client_script
 from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind
 from .respawn import StartFailures
@@ -57,7 +57,7 @@ class ProcessPool(LocalPool):
         self._pickle_lock = threading.Lock()
         super().__init__(ProcessPoolIO(max_workers=max_workers, initializer=initializer,
                                        initargs=initargs, max_tasks=max_tasks_per_child,
-                                       retries=retries, main=self._main))
+                                       retries=retries, main_script=script))
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
         future: Future = new_future()
@@ -113,11 +113,12 @@ class ProcessPoolIO(PoolIO):
     fail_held_on_break = True
 
     def __init__(self, *, max_workers: int, initializer: Any, initargs: tuple[Any, ...],
-                 max_tasks: int | None, retries: int, main: bool = False) -> None:
+                 max_tasks: int | None, retries: int, main_script: MainScript | None = None) -> None:
         # Before any pipe, socket or thread exists: initargs that do not pickle fail
         # the constructor without leaving anything behind.
-        self.init_blob, self.init_fds = pickle_initializer(initializer, initargs, main=main)
-        self.main_script = client_script() if main else None
+        self.init_blob, self.init_fds = pickle_initializer(initializer, initargs,
+                                                           main=main_script is not None)
+        self.main_script = main_script
         self.runtime_dir = tempfile.mkdtemp(prefix="farpool-")
         try:
             super().__init__(address=f"ipc://{self.runtime_dir}/pool", max_workers=max_workers,

@@ -52,32 +52,35 @@ def _code_reduce(code: types.CodeType) -> Any:
 
 
 class Pickler(cloudpickle.Pickler):
-    """cloudpickle's pickler, except that:
-
-    - with ``main``, what the main script defines pickles as a name, not by value
-      (see ``main_script``: the workers have the script as a module);
-    - code pickled by value (a lambda, a closure) keeps its file name, where
-      cloudpickle writes ``<dynamic-code>``: a worker's traceback then names the file
-      and shows the source line, as with the stdlib's process pool.
-    """
+    """cloudpickle's pickler, except that code pickled by value (a lambda, a closure)
+    keeps its file name, where cloudpickle writes ``<dynamic-code>``: a worker's
+    traceback then names the file and shows the source line, as with the stdlib's
+    process pool."""
 
     if _cloudpickle_code_reduce is not None:
         dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
 
-    def __init__(self, file: Any, *args: Any, main: bool = False, **kwargs: Any) -> None:
-        super().__init__(file, *args, **kwargs)
-        self.main = main
+
+class MainPickler(Pickler):
+    """``Pickler``, and what the main script defines pickles as a name (the global
+    ``__main__.NAME``), not by value: the workers have the script as a module (see
+    ``main_script``). A class of its own, so that other pickles pay nothing per object."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if self.main and (type(obj) is types.FunctionType or isinstance(obj, type)) and main_reference(obj):
-            return NotImplemented  # the global __main__.NAME
+        if (type(obj) is types.FunctionType or isinstance(obj, type)) and main_reference(obj):
+            return NotImplemented
         return super().reducer_override(obj)
+
+
+def pickler(main: bool) -> type[Pickler]:
+    """The pickler class for ``main`` (see ``dumps``)."""
+    return MainPickler if main else Pickler
 
 
 def _cloudpickle(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None,
                  main: bool = False) -> bytes:
     with io.BytesIO() as file:
-        Pickler(file, protocol=5, buffer_callback=buffer_callback, main=main).dump(obj)
+        pickler(main)(file, protocol=5, buffer_callback=buffer_callback).dump(obj)
         return file.getvalue()
 
 

@@ -118,7 +118,7 @@ class _Spawning:
 
 
 def pickle_initializer(initializer: Any, initargs: tuple[Any, ...], *,
-                       main: Any = None) -> tuple[bytes, tuple[int, ...]]:
+                       main: bool = False) -> tuple[bytes, tuple[int, ...]]:
     """Pickle a pool's initializer and initargs for its worker processes.
 
     As with the stdlib's pools started by spawn or forkserver, initargs may hold
@@ -132,9 +132,11 @@ def pickle_initializer(initializer: Any, initargs: tuple[Any, ...], *,
     from multiprocessing import context
     from multiprocessing.reduction import ForkingPickler
 
-    from .serialize import Pickler as TaskPickler
+    from .serialize import pickler
 
-    class Pickler(TaskPickler):
+    TaskPickler = pickler(main)
+
+    class Pickler(TaskPickler):  # type: ignore[valid-type,misc]
         # Ours first; multiprocessing's for what it adds (connections, shared memory
         # arenas, sockets).
         dispatch_table = ChainMap(TaskPickler.dispatch_table,
@@ -145,7 +147,7 @@ def pickle_initializer(initializer: Any, initargs: tuple[Any, ...], *,
     # A stand-in for the Popen, which collects the fds the pickling hands it.
     context.set_spawning_popen(spawning)  # type: ignore[arg-type]
     try:
-        Pickler(buf, protocol=5, main=main).dump((initializer, initargs))
+        Pickler(buf, protocol=5).dump((initializer, initargs))
     finally:
         context.set_spawning_popen(None)
     return buf.getvalue(), tuple(dict.fromkeys(spawning.fds))

@@ -40,12 +40,12 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
+from ..call_packing import run_packed
 from ..errors import BackendUnavailable, WorkerLost
 from .engine import (
     EngineBackend,
     InitializerFailed,
     remote_traceback,
-    run_packed,
     unwrap_pickling_error,
 )
 from .options import check_max_workers, check_passed_on, check_retries

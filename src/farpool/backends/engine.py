@@ -1,8 +1,8 @@
 """What the Dask and Ray adapters share: the engine's futures bridged to real
 ``concurrent.futures.Future`` objects, cancellation, a broken state, and shutdown.
 
-No engine is imported here: this module also runs inside engine workers, where
-``call_initialized`` runs a pool initializer once per process::
+No engine is imported here. The engines' workers run ``call_packing.run_packed``
+(functions and arguments as farpool pickles them, the initializer inside)::
 
     Executor.submit --> backend.submit --> engine submit --> engine future
                             |                                   | done (an engine thread)
@@ -30,14 +30,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from ..call_packing import CallPacker, run_packed
+from ..call_packing import CallPacker
 from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
 from ..futures import new_future
-from ..initializer import InitSpec, call_initialized, ensure_initialized
 from .options import check_initializer
 
-__all__ = ["EngineBackend", "InitSpec", "InitializerFailed", "SubmitFailed", "call_initialized",
-           "ensure_initialized", "run_packed", "remote_traceback", "unwrap_pickling_error"]
+__all__ = ["EngineBackend", "InitializerFailed", "SubmitFailed", "remote_traceback",
+           "unwrap_pickling_error"]
 
 BROKEN_MESSAGE = "A worker initializer failed, the executor is not usable anymore"
 # How many inbox items the results thread handles per wake-up.

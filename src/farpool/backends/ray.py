@@ -40,12 +40,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
+from ..call_packing import run_packed
 from ..errors import BackendUnavailable, WorkerLost
-from ..serialize import FunctionPickler
 from .engine import (
     EngineBackend,
     remote_traceback,
-    run_packed,
     unwrap_pickling_error,
 )
 from .options import check_max_workers, check_passed_on, check_retries
@@ -213,7 +212,6 @@ class RayBackend(EngineBackend):
         self._ray = ray
         self._remote_options = {"max_retries": retries, **(remote_options or {})}
         self._remotes: OrderedDict[bytes, Any] = OrderedDict()
-        self._pickler = FunctionPickler()
         self._lost = tuple(getattr(ray.exceptions, name) for name in _LOST_ERRORS
                            if hasattr(ray.exceptions, name))
         self._ray_error = ray.exceptions.RayError
