@@ -9,10 +9,12 @@ import shutil
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import farpool
+from farpool.security import keygen, load_key_file
 
 # Every backend the contract suite runs against. A name listed in CLUSTER_BACKENDS
 # gets its address from the session fixture "<name>_cluster", which starts (once per
@@ -187,3 +189,30 @@ def ray_cluster(ray_head):
             yield "ray"
         finally:
             ray.shutdown()
+
+
+@pytest.fixture
+def daemons(key_dir, tmp_path):
+    """A list the test appends daemons to; each is stopped after the test."""
+    started = []
+    yield started
+    for daemon in reversed(started):
+        daemon.stop()
+
+
+@pytest.fixture
+def issue(key_dir):
+    """``issue(role)``: a key of that role, as `farpool keygen --role` makes it;
+    removed (authorized and issued files) after the test."""
+    made: list[Path] = []
+
+    def make(role: str) -> tuple[Path, tuple[bytes, object]]:
+        path = keygen(key_dir, name=f"test-{role}", role=role)
+        made.append(path)
+        return path, load_key_file(path)
+
+    yield make
+    for path in made:
+        name = path.name[: -len(".cluster-key")]
+        Path(key_dir, "authorized", f"{name}.key").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)

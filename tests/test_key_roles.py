@@ -28,8 +28,6 @@ from farpool.security import (
     KeyRole,
     client_keys,
     configure_client,
-    keygen,
-    load_key_file,
     load_key_roles,
 )
 from remote_cluster import HEARTBEAT, start_scheduler, start_worker, wait_for_workers
@@ -45,32 +43,6 @@ class CreatesFile:
 
     def __reduce__(self):
         return open, (self.path, "w")
-
-
-@pytest.fixture
-def daemons(key_dir, tmp_path):
-    started = []
-    yield started
-    for daemon in reversed(started):
-        daemon.stop()
-
-
-@pytest.fixture
-def issue(key_dir):
-    """``issue(role)``: a key of that role, as `farpool keygen --role` makes it;
-    removed (authorized and issued files) after the test."""
-    made: list[Path] = []
-
-    def make(role: str) -> tuple[Path, tuple[bytes, object]]:
-        path = keygen(key_dir, name=f"test-{role}", role=role)
-        made.append(path)
-        return path, load_key_file(path)
-
-    yield make
-    for path in made:
-        name = path.name[: -len(".cluster-key")]
-        Path(key_dir, "authorized", f"{name}.key").unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
 
 
 class Peer:

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -133,21 +134,33 @@ def query_status(address: str, *, curve: Any = None, timeout: float = 5.0) -> di
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.maxmsgsize = 16 * 1024 * 1024
+    from .security import configure_client, handshake_failures, watch_handshakes
+
+    monitor = watch_handshakes(sock)
     try:
         if curve is not None:
-            from .security import configure_client
-
             configure_client(sock, curve[1], curve[0])
         sock.connect(address)
         sock.send_multipart(protocol.encode(Kind.STATUS))
-        if not sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no answer from {address} within {timeout:g} s (is the scheduler "
-                               "running there, and are the keys right?)")
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while not sock.poll(0):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer from {address} within {timeout:g} s (is the "
+                                   "scheduler running there, and the address right?)")
+            poller.poll(int(left * 1000) + 1)
+            for why in handshake_failures(monitor):
+                raise SecurityError(f"{address}: {why}")
         msg = protocol.decode(sock.recv_multipart())
         if msg.kind is not Kind.STATUS_REPLY:
             raise protocol.ProtocolError(f"expected STATUS_REPLY, got {msg.kind.name}")
         return msg.body[0]
     finally:
+        sock.disable_monitor()
+        monitor.close(0)
         sock.close(0)
         ctx.term()
 

@@ -48,7 +48,7 @@ _NO_INITIALIZER = cloudpickle.dumps((None, ()))
 
 
 class RefusedError(Exception):
-    """The scheduler refused this host (versions differ)."""
+    """The scheduler refused this host: its key, its key's role, or versions differ."""
 
 
 class Node:
@@ -100,13 +100,15 @@ class Node:
         ms = int(heartbeat * 1000)
         up.heartbeat_ivl = ms
         up.heartbeat_timeout = ms * DEFAULT_LIVENESS
-        if curve is not None:
-            from .security import configure_client
+        from .security import configure_client, watch_handshakes
 
+        if curve is not None:
             configure_client(up, curve[1], curve[0])
+        self.monitor = watch_handshakes(up)
         up.connect(address)
         self.poller = zmq.Poller()
         self.poller.register(up, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
 
     def stop(self) -> None:
         """Drain and exit (safe from a signal handler or another thread)."""
@@ -130,6 +132,8 @@ class Node:
             for what, _ in self.poller.poll(100):
                 if what is self.up:
                     self.receive()
+                elif what is self.monitor:
+                    self.on_monitor()
                 else:
                     self.on_death(what)
             now = time.monotonic()
@@ -171,8 +175,20 @@ class Node:
                                **protocol.version_info()})
 
     def send(self, kind: Kind, info: Any = None) -> None:
+        """Never blocks, so a stop request is always seen: with no connection (after a
+        failed handshake libzmq keeps no pipe) the message is dropped. HELLO and
+        heartbeats repeat; LOST and BYE matter only to a scheduler we are joined to."""
         body = [] if info is None else [info]
-        self.up.send_multipart(protocol.encode(kind, body))
+        try:
+            self.up.send_multipart(protocol.encode(kind, body), zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("no connection to the scheduler at %s: %s not sent", self.address, kind.name)
+
+    def on_monitor(self) -> None:
+        from .security import handshake_failures
+
+        for why in handshake_failures(self.monitor):
+            raise RefusedError(why)
 
     def receive(self) -> None:
         while True:
@@ -291,6 +307,8 @@ class Node:
 
     def close(self) -> None:
         self.stop_all(report=False)
+        self.up.disable_monitor()
+        self.monitor.close(0)
         self.up.close()
         self.ctx.term()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

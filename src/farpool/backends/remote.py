@@ -218,9 +218,9 @@ class RemoteBackend:
 
 
 def _connect(ctx: zmq.Context, address: str, heartbeat: float,
-             curve: Any) -> tuple[zmq.Socket, zmq.Socket | None]:
-    """The DEALER to the scheduler, and with CURVE a monitor of its handshakes (to turn
-    a refused key into an error instead of silence)."""
+             curve: Any) -> tuple[zmq.Socket, zmq.Socket]:
+    """The DEALER to the scheduler, and a monitor of its handshakes: a refused key, or
+    keys on one side only, is an error at once instead of silence."""
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 1000
     sock.identity = b"c" + secrets.token_hex(8).encode()
@@ -229,15 +229,12 @@ def _connect(ctx: zmq.Context, address: str, heartbeat: float,
     ms = int(heartbeat * 1000)
     sock.heartbeat_ivl = ms
     sock.heartbeat_timeout = ms * LIVENESS
-    monitor = None
-    if curve is not None:
-        from ..security import configure_client
+    from ..security import configure_client, watch_handshakes
 
+    if curve is not None:
         server_public, pair = curve
         configure_client(sock, pair, server_public)
-        monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    monitor = watch_handshakes(sock)
     sock.connect(address)
     return sock, monitor
 
@@ -334,15 +331,14 @@ class _RemoteIO(IOThread):
         poller = select.poll()
         poller.register(int(self.sock.get(zmq.FD)), select.POLLIN)
         poller.register(self.wakeup.fd, select.POLLIN)
-        if self.monitor is not None:
-            poller.register(int(self.monitor.get(zmq.FD)), select.POLLIN)
+        poller.register(int(self.monitor.get(zmq.FD)), select.POLLIN)
         with self.io_lock:
             self.hello()
         next_beat = time.monotonic() + self.heartbeat
         timeout = max(10, int(self.heartbeat * 500))
         while True:
             with self.io_lock:
-                if self.monitor is not None and protocol.readable(self.monitor):
+                if protocol.readable(self.monitor):
                     self.on_monitor()
                 self.take_inbox()
                 now = time.monotonic()
@@ -370,7 +366,7 @@ class _RemoteIO(IOThread):
                 self.welcomed = False
                 self.reconnect.lost(now)
             else:
-                self.send(protocol.encode(Kind.HEARTBEAT))
+                self.send_control(protocol.encode(Kind.HEARTBEAT))
                 return
         if not self.ever_welcomed:
             self.hello()
@@ -385,18 +381,21 @@ class _RemoteIO(IOThread):
 
     def hello(self) -> None:
         self.hello_seq += 1
-        self.send(protocol.encode(Kind.HELLO, [{
+        self.send_control(protocol.encode(Kind.HELLO, [{
             "role": PeerRole.CLIENT, "retries": self.retries, "hello": self.hello_seq, "pid": os.getpid(),
             "heartbeat": self.heartbeat, **protocol.version_info()}]))
 
     def on_monitor(self) -> None:
         from ..security import handshake_failures
 
-        assert self.monitor is not None  # polled only when there is one
         for why in handshake_failures(self.monitor):
             if not self.ever_welcomed:
                 self.connect_error = SecurityError(f"{self.address}: {why}")
                 self.connected.set()
+            else:  # our key was revoked while we were away, or the scheduler changed keys
+                log.error("the scheduler at %s refused this client on reconnecting: %s",
+                          self.address, why)
+                self.break_with(SecurityError(f"{self.address}: {why}"))
 
     def take_inbox(self) -> None:
         self.wakeup.drain()  # before the inbox: see WakePipe.drain
@@ -431,6 +430,14 @@ class _RemoteIO(IOThread):
 
     def send(self, msg: list[Any]) -> None:
         protocol.send_frames(self.sock, msg)
+
+    def send_control(self, msg: list[Any]) -> None:
+        """A HELLO or heartbeat, repeated each beat: dropped rather than block, since
+        after a failed handshake libzmq has no pipe and a send would wait forever."""
+        try:
+            protocol.send_frames(self.sock, msg, zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("no connection to the scheduler at %s yet", self.address)
 
     def receive(self) -> None:
         sock = self.sock
@@ -527,9 +534,8 @@ class _RemoteIO(IOThread):
                 pass
         else:
             self.sock.linger = 0
-        if self.monitor is not None:
-            self.sock.disable_monitor()
-            self.monitor.close(0)
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close()
         self.ctx.term()
         self.release_thread_state()

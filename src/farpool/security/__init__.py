@@ -27,6 +27,7 @@ from farpool.security.auth import (
     insecure_warning,
     requires_keys,
     warn_insecure,
+    watch_handshakes,
     zap_verdict,
 )
 from farpool.security.auth import ZAP_ENDPOINT as ZAP_ENDPOINT
@@ -76,6 +77,7 @@ __all__ = [
     "require_curve",
     "requires_keys",
     "warn_insecure",
+    "watch_handshakes",
     "write_key_file",
     "zap_verdict",
 ]

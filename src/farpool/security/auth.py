@@ -140,11 +140,27 @@ def describe_handshake_failure(event: int, value: int = 0) -> str | None:
         return (f"the scheduler refused this host's key (ZAP status {value}): it is not in the "
                 "scheduler's authorized keys; on the scheduler's host, `farpool keygen` makes "
                 "a key file to use here")
+    if (event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH):
+        return ("the scheduler and this host disagree on security: one of them uses CURVE "
+                "keys and the other runs without them (--insecure, or insecure=True); use "
+                "keys on both sides (see `farpool keygen`), or --insecure on both")
     if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
         return ("the security handshake with the scheduler failed: the server public key is "
                 "probably wrong (a key file from another scheduler?), or the scheduler runs "
                 "without keys (--insecure)")
     return None
+
+
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
+
+def watch_handshakes(sock: zmq.Socket) -> zmq.Socket:
+    """A monitor of ``sock``'s failed security handshakes, to read with
+    :func:`handshake_failures`. Call it before ``connect``: a refused peer is otherwise
+    silence, and a send to it blocks (libzmq drops the pipe of a failed handshake)."""
+    return sock.get_monitor_socket(HANDSHAKE_FAILURES)
 
 
 def handshake_failures(monitor: zmq.Socket) -> list[str]:
