@@ -47,6 +47,17 @@ def test_workload_is_half_primes_and_the_fast_check_agrees_with_trial_division()
     assert all(_probably_prime(n) == _is_prime(n) for n in range(1, 2000))
 
 
+def test_version_names_what_peers_must_share():
+    import cloudpickle
+    import zmq
+
+    done = run_farpool("--version", timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith(f"farpool {farpool.__version__} (python {sys.version_info[0]}.")
+    assert f"cloudpickle {cloudpickle.__version__}" in line and f"libzmq {zmq.zmq_version()}" in line
+
+
 def test_keygen_writes_a_private_key_file(tmp_path):
     env = {**os.environ, "FARPOOL_KEY_DIR": str(tmp_path / "keys")}
     done = run_farpool("keygen", "--name", "node1", env=env)

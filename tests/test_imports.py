@@ -14,6 +14,9 @@ def _loaded_after(statement: str, module: str) -> bool:
 def test_the_scheduler_does_not_load_cloudpickle():
     # It routes function blobs by key (fncache.SentFunctions) and never unpickles them.
     assert not _loaded_after("import farpool.scheduler", "cloudpickle")
+    # Nor when it compares a peer's versions with its own.
+    assert not _loaded_after("import farpool.scheduler, farpool.protocol as p; p.version_info()",
+                             "cloudpickle")
 
 
 def test_the_check_itself_sees_a_module_that_loads_it():

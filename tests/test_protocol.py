@@ -149,8 +149,9 @@ def test_version_conflicts_name_what_differs():
     assert protocol.version_conflicts(ours, patch) == []
     theirs = dict(ours, python="2.7", cloudpickle="0.1.0")
     problems = protocol.version_conflicts(ours, theirs)
-    assert any("python 2.7 (peer)" in p for p in problems)
-    assert any("cloudpickle 0.1.0 (peer)" in p for p in problems)
+    assert any(f"python 2.7 on the connecting side, {ours['python']} on the scheduler" in p
+               for p in problems)
+    assert any("cloudpickle 0.1.0 on the connecting side" in p for p in problems)
 
 
 def test_send_routed_delivers_one_frame_and_many_frames_whole():

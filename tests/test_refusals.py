@@ -140,3 +140,22 @@ def test_status_names_the_cause_the_client_would(daemons, tmp_path, issue, key_d
     assert mismatch.returncode != 0
     assert re.search(DISAGREE, mismatch.stderr), mismatch.stderr
     assert query_status(insecure_address, timeout=5)["workers"] == []  # --insecure on both
+
+
+def test_a_second_scheduler_on_a_live_ipc_path_refuses_to_start(daemons, tmp_path):
+    address = f"ipc://{tmp_path}/s"
+    first, _ = start_scheduler(tmp_path, bind=address)
+    daemons.append(first)
+    second = subprocess.run([sys.executable, "-m", "farpool", "scheduler", "--bind", address],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode != 0
+    assert "another process (a running scheduler?) serves this path" in second.stderr
+    assert query_status(address, timeout=5)["workers"] == []  # the first still serves
+    # A socket file left by a scheduler that was killed is no obstacle.
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    assert Path(tmp_path, "s").exists()
+    (tmp_path / "again").mkdir()
+    again, _ = start_scheduler(tmp_path / "again", bind=address)
+    daemons.append(again)
+    assert query_status(address, timeout=5)["workers"] == []

@@ -705,19 +705,21 @@ def test_version_mismatch_is_refused_with_the_versions_named(shared_address, mon
         refused = recv(sock)
         assert refused is not None and refused.kind is Kind.REFUSE
         reason = refused.body[0]
-        assert f"cloudpickle 0.1.0 (peer) vs {cloudpickle.__version__} (here)" in reason
+        assert (f"cloudpickle 0.1.0 on the connecting side, {cloudpickle.__version__} on the scheduler"
+                in reason)
         ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
-        assert f"python 2.7 (peer) vs {ours} (here)" in reason
+        assert f"python 2.7 on the connecting side, {ours} on the scheduler" in reason
         sock.send_multipart(client_hello(role="worker", slots=1, farpool="99.0"))
         refused = recv(sock)
         assert refused is not None and refused.kind is Kind.REFUSE
-        assert f"farpool 99.0 (peer) vs {farpool.__version__} (here)" in refused.body[0]
+        assert (f"farpool 99.0 on the connecting side, {farpool.__version__} on the scheduler"
+                in refused.body[0])
     finally:
         sock.close(0)
         ctx.term()
     real = protocol.version_info
     monkeypatch.setattr(protocol, "version_info", lambda: {**real(), "cloudpickle": "9.9.9"})
-    with pytest.raises(VersionMismatch, match=r"cloudpickle 9\.9\.9 \(peer\) vs"):
+    with pytest.raises(VersionMismatch, match=r"cloudpickle 9\.9\.9 on the connecting side"):
         executor(shared_address)
 
 

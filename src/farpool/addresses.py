@@ -4,7 +4,11 @@ exist)."""
 
 from __future__ import annotations
 
-__all__ = ["check_address"]
+import os
+import socket
+import stat
+
+__all__ = ["check_address", "check_ipc_free"]
 
 
 def check_address(address: object, *, bind: bool = False) -> str:
@@ -33,3 +37,26 @@ def check_address(address: object, *, bind: bool = False) -> str:
     if not lowest <= number <= 65535:
         raise ValueError(f"{address!r}: port {number} is out of range ({lowest}-65535)")
     return address
+
+
+def check_ipc_free(address: str) -> None:
+    """Before binding ``ipc:///PATH``: a ValueError if a live process already serves
+    PATH. libzmq would unlink its socket file and bind anew, leaving the first scheduler
+    running but unreachable. A file nobody listens on (left by a killed scheduler) is
+    fine: libzmq replaces it."""
+    path = address[len("ipc://"):]
+    if not address.startswith("ipc://") or path.startswith("@"):
+        return  # tcp:// clashes are caught by bind; abstract names cannot be stolen
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except OSError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # refused: nobody listens there any more
+    raise ValueError("another process (a running scheduler?) serves this path; "
+                     "stop it first, or bind another path")

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 
 def _is_prime(n: int) -> bool:
@@ -134,12 +135,29 @@ def _add_security(p: argparse.ArgumentParser, *, server: bool) -> None:
                    help="no CURVE keys on tcp:// (anyone who can connect can run code!)")
 
 
+class _Version(argparse.Action):
+    """``--version``: what a scheduler compares with its peers (protocol.version_conflicts),
+    and the ZeroMQ versions; worked out only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import zmq
+
+        from .protocol import version_info
+
+        v = version_info()
+        print(f"farpool {v['farpool']} (python {v['python']}, cloudpickle {v['cloudpickle']}, "
+              f"protocol {v['protocol']}, pyzmq {zmq.pyzmq_version()}, libzmq {zmq.zmq_version()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``farpool`` argument parser (the deployment recipes are tested against it)."""
     # No abbreviated options: a shortened option in a deployed unit file would break
     # the day a new option shares its prefix.
     parser = argparse.ArgumentParser(prog="farpool", allow_abbrev=False,
                                      description="farpool: concurrent.futures, beyond one interpreter.")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the versions a scheduler compares with its peers, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", allow_abbrev=False,

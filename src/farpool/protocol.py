@@ -485,16 +485,27 @@ _STATUSES = frozenset(int(s) for s in Status)
 
 def version_info() -> dict[str, str]:
     """What a peer must share with us to read our payloads."""
-    import cloudpickle
-
     from . import __version__
 
     return {
         "farpool": __version__,
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-        "cloudpickle": cloudpickle.__version__,
+        "cloudpickle": _cloudpickle_version(),
         "protocol": str(PROTOCOL_VERSION),
     }
+
+
+def _cloudpickle_version() -> str:
+    # From the installed package's metadata: the scheduler, which must never unpickle,
+    # compares versions without importing cloudpickle.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cloudpickle")
+    except PackageNotFoundError:  # run from a source tree: only the module knows
+        import cloudpickle
+
+        return str(cloudpickle.__version__)
 
 
 def version_conflicts(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
@@ -506,7 +517,8 @@ def version_conflicts(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]
     for key in ("protocol", "farpool", "python", "cloudpickle"):
         mine, other = str(ours.get(key)), str(theirs.get(key))
         if _release(mine) != _release(other):
-            problems.append(f"{key} {other} (peer) vs {mine} (here)")
+            # Read by both sides (the refused peer, the scheduler's log): no "here".
+            problems.append(f"{key} {other} on the connecting side, {mine} on the scheduler")
     return problems
 
 

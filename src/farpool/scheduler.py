@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 
 from . import protocol
+from .addresses import check_ipc_free
 from .dispatch import Dispatcher, Task, plan_loss
 from .fncache import FN_CACHE_SIZE, SentFunctions
 from .key_policy import KeyPolicy
@@ -172,6 +173,7 @@ class Scheduler:
                                 "`--role worker` and delete the old files", ", ".join(legacy))
                 self.auth = Authenticator(self.ctx, keys.authorized).start()
                 configure_server(self.router, keys)
+            check_ipc_free(address)
             self.router.bind(address)
         except BaseException:
             self.close()
