@@ -508,6 +508,59 @@ def test_scheduler_killed_and_restarted_on_the_same_port(cluster):
         close(ex)
 
 
+def test_a_scheduler_restart_keeps_the_work_that_was_done(cluster, tmp_path):
+    """The scheduler is SIGKILLed while 2 tasks run and 2 more wait; the running ones
+    finish during the 2 s outage. After the restart, every future gets its answer and
+    no task ran twice (a marker file counts the runs): finished results are kept, the
+    worker processes are not restarted, and what was still queued runs once."""
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    first = cluster.scheduler(bind=bind)
+    cluster.worker(nprocs=2)
+    wait_for_workers(cluster.address, 2)
+    pids = {w["pid"] for w in status(cluster.address)["workers"]}
+    runs = tmp_path / "runs"
+    ex = executor(cluster.address, reconnect_timeout=20)
+    try:
+        futures = [ex.submit(log_run, runs, i, 1.0) for i in range(4)]
+        wait_until(lambda: len(runs.read_text().split()) == 2 if runs.exists() else False, 10,
+                   "2 tasks running")
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        time.sleep(2.0)  # the 2 running tasks finish while no scheduler is there
+        assert len(runs.read_text().split()) == 2
+        cluster.scheduler(bind=bind)
+        assert [f.result(timeout=40) for f in futures] == list(range(4))
+        assert sorted(int(x) for x in runs.read_text().split()) == list(range(4)), \
+            "a task ran twice"
+        info = wait_for_workers(cluster.address, 2)
+        assert {w["pid"] for w in info["workers"]} == pids  # the same processes
+        assert ex.submit(square, 4).result(timeout=30) == 16
+    finally:
+        close(ex)
+
+
+def test_a_task_still_running_at_a_scheduler_restart_runs_once(cluster, tmp_path):
+    """A task that runs through the outage and beyond: its resubmission waits for the
+    worker that runs it instead of running it again elsewhere, though a worker idles."""
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    first = cluster.scheduler(bind=bind)
+    cluster.worker(nprocs=2)
+    wait_for_workers(cluster.address, 2)
+    runs = tmp_path / "runs"
+    ex = executor(cluster.address, reconnect_timeout=20)
+    try:
+        long = ex.submit(log_run, runs, 7, 4.0)
+        wait_until(lambda: runs.exists(), 10, "the task running")
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        time.sleep(0.5)
+        cluster.scheduler(bind=bind)
+        assert long.result(timeout=40) == 7
+        assert runs.read_text().split() == ["7"], "the task ran twice"
+    finally:
+        close(ex)
+
+
 def test_scheduler_killed_for_good(cluster):
     """The scheduler is SIGKILLed and never comes back: pending futures fail with
     SchedulerLost within heartbeat detection plus reconnect_timeout; nothing hangs,

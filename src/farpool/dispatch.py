@@ -281,6 +281,11 @@ class Dispatcher:
                 elif not cancel(task):
                     self.submit(task)
 
+    def held_for(self, client: bytes) -> list[tuple[bytes, int]]:
+        """(worker id, task id) of every task of ``client`` a worker holds."""
+        return [(w.worker_id, t.task_id) for w in self.workers.values()
+                for t in w.held.values() if t.client == client]
+
     def in_flight(self) -> int:
         return sum(len(w.held) for w in self.workers.values())
 

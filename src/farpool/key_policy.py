@@ -17,10 +17,13 @@ of every peer, dropping those whose key is gone or may no longer do what they do
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from .protocol import PeerRole
+
+log = logging.getLogger("farpool.scheduler")
 
 __all__ = ["KEY_REFUSAL", "KeyPolicy"]
 
@@ -40,6 +43,19 @@ class KeyPolicy:
 
     def __init__(self, roles: Mapping[bytes, Any] | None) -> None:
         self.roles = dict(roles) if roles is not None else None
+
+    @classmethod
+    def load(cls, key_dir: Any) -> KeyPolicy:
+        """The policy of a scheduler's key directory; warns of key files with no role."""
+        from .security import load_key_roles
+
+        policy = cls(load_key_roles(key_dir))
+        legacy = policy.legacy_names()
+        if legacy:
+            log.warning("key file(s) %s name no role: they may act as client and as worker "
+                        "(operator). Re-issue them with `farpool keygen --role client` or "
+                        "`--role worker` and delete the old files", ", ".join(legacy))
+        return policy
 
     @property
     def enforced(self) -> bool:

@@ -366,6 +366,9 @@ class Hello(NamedTuple):
     supervisor: bytes  # a daemon's worker: the identity of its `farpool worker`
     name: str | None  # a `farpool worker`'s host name
     info: dict[str, Any]
+    # A supervisor's worker processes that outlived a scheduler: (worker id, the task
+    # it runs or None), for the scheduler to take them back (see rejoin.py).
+    running: list[tuple[bytes, int | None]] = []
 
 
 class Welcome(NamedTuple):
@@ -419,7 +422,22 @@ def _check_hello(body: list[Any], nframes: int) -> list[Any]:
                   slots=slots, heartbeat=None if beat is None else float(beat), retries=retries,
                   seq=_field(info, "hello", (int,), None, "HELLO"),
                   supervisor=_field(info, "supervisor", (bytes,), b"", "HELLO"),
-                  name=name, info=info)]
+                  name=name, info=info, running=_check_running(info.pop("running", None)))]
+
+
+def _check_running(running: Any) -> list[tuple[bytes, int | None]]:
+    if running is None:
+        return []
+    if not isinstance(running, list) or len(running) > MAX_SLOTS:
+        raise ProtocolError(f"HELLO running is not a list of at most {MAX_SLOTS} entries")
+    checked: list[tuple[bytes, int | None]] = []
+    for item in running:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], bytes)
+                or not 0 < len(item[0]) <= 255
+                or not (item[1] is None or (type(item[1]) is int and 0 < item[1] < 2 ** 64))):
+            raise ProtocolError(f"HELLO running has a bad entry {item!r:.80}")
+        checked.append((item[0], item[1]))
+    return checked
 
 
 def _check_welcome(body: list[Any], nframes: int) -> list[Any]:
@@ -520,6 +538,20 @@ def version_conflicts(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]
             # Read by both sides (the refused peer, the scheduler's log): no "here".
             problems.append(f"{key} {other} on the connecting side, {mine} on the scheduler")
     return problems
+
+
+_ROLES = frozenset(role.value for role in PeerRole)
+
+
+def hello_refusal(hello: Hello) -> str | None:
+    """Why a scheduler refuses a HELLO whatever the key (versions that cannot read each
+    other's payloads, a role that is none of the three), or None."""
+    conflicts = version_conflicts(version_info(), hello.info)
+    if conflicts:
+        return "incompatible versions: " + "; ".join(conflicts)
+    if not isinstance(hello.role, str) or hello.role not in _ROLES:
+        return f"unknown role {hello.role!r}"
+    return None
 
 
 def _release(version: str) -> str:

@@ -25,14 +25,12 @@ It routes on msgpack headers alone and never unpickles a payload::
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import logging
 import secrets
 import socket
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +39,13 @@ import zmq
 from . import protocol
 from .addresses import check_ipc_free
 from .dispatch import Dispatcher, Task, plan_loss
-from .fncache import FN_CACHE_SIZE, SentFunctions
+from .fncache import ClientFunctions, SentFunctions
 from .key_policy import KeyPolicy
 from .liveness import heartbeat_limit
 from .log_limit import OncePerSecond
 from .protocol import ByeReason, Kind, PeerRole, Status
+from .rejoin import Reclaims, task_key
+from .security.auth import user_id
 from .status_report import status_report, totals_report
 
 log = logging.getLogger("farpool.scheduler")
@@ -53,55 +53,11 @@ log = logging.getLogger("farpool.scheduler")
 DEFAULT_HEARTBEAT = 1.0
 DEFAULT_LIVENESS = 5  # missed heartbeats before a peer is lost
 RECONNECT = ByeReason.RECONNECT  # tells an unknown peer to say HELLO again
-_ROLES = frozenset(role.value for role in PeerRole)
 RELOAD_KEYS_SECONDS = 5.0
 MAX_SLOTS = 1024
 MAX_PEER_HEARTBEAT = 60.0  # seconds; a longer one claimed in a HELLO is ignored
 # Seconds a worker whose connection is gone waits for its supervisor's LOST report.
 UNREACHABLE_GRACE = 3.0
-
-
-def _buffer(frame: Any) -> Any:
-    return getattr(frame, "buffer", frame)
-
-
-class ClientFunctions:
-    """The function blobs one client sent, mirroring its ``SentFunctions``: same
-    capacity and same order of use, so both sides agree on what is held."""
-
-    def __init__(self, capacity: int = FN_CACHE_SIZE) -> None:
-        self._blobs: OrderedDict[bytes, Any] = OrderedDict()
-        self._capacity = capacity
-
-    def put(self, key: bytes, blob: Any) -> None:
-        self._blobs[key] = blob
-        self._blobs.move_to_end(key)
-        if len(self._blobs) > self._capacity:
-            self._blobs.popitem(last=False)
-
-    def get(self, key: bytes) -> Any | None:
-        blob = self._blobs.get(key)
-        if blob is not None:
-            self._blobs.move_to_end(key)
-        return blob
-
-    def resolve(self, entry: protocol.TaskEntry, payload: list[Any]) -> tuple[Any, list[Any]] | str:
-        """The function blob and argument frames of one task a client sent, or why it
-        is rejected. A blob that rides along is kept (the client's cache has it now)."""
-        if entry.fn_frames:
-            blob = payload[0]
-            # Keys name blobs by content, so workers share them across clients; a key
-            # that is not its blob's digest would run one client's function in place
-            # of another's.
-            if hashlib.blake2b(_buffer(blob), digest_size=16).digest() != entry.fn_key:
-                return "the function key is not the digest of its blob"
-            self.put(entry.fn_key, blob)
-        else:
-            blob = self.get(entry.fn_key)
-            if blob is None:
-                return ("the scheduler does not hold this task's function "
-                        "(client and scheduler caches disagree)")
-        return blob, payload[entry.fn_frames:]
 
 
 @dataclass(eq=False)
@@ -114,6 +70,7 @@ class Peer:
     # clients
     epoch: int = 0
     retries: int = 0
+    resumed: bool = False  # it was a client of this scheduler before a restart
     fns: ClientFunctions = field(default_factory=ClientFunctions)
     tasks: dict[int, Task] = field(default_factory=dict)  # client task id -> task
     # workers: their supervisor's identity; supervisors: their workers
@@ -148,7 +105,11 @@ class Scheduler:
         self.dispatcher = Dispatcher()
         self.peers: dict[bytes, Peer] = {}
         self.worker_fns: dict[bytes, SentFunctions] = {}
-        self.task_ids = itertools.count(1)
+        self.reclaims = Reclaims()  # what a restart (or a reconnection) keeps
+        # Resubmissions from before a restart wait this long for the worker hosts to
+        # rejoin (they say HELLO once a heartbeat), lest tasks they run start again.
+        self.rejoin_until = time.monotonic() + 2 * heartbeat
+        self.held_back: list[Task] = []
         self.counters: dict[str, int] = defaultdict(int)
         # RESULTS waiting to go out, per client: (entries, frames).
         self.out: dict[bytes, tuple[list[Any], list[Any]]] = {}
@@ -163,14 +124,9 @@ class Scheduler:
         self.router = _router(self.ctx, heartbeat, liveness, max_message_bytes)
         try:
             if keys is not None:
-                from .security import Authenticator, configure_server, load_key_roles
+                from .security import Authenticator, configure_server
 
-                self.policy = KeyPolicy(load_key_roles(keys.key_dir))
-                legacy = self.policy.legacy_names()
-                if legacy:
-                    log.warning("key file(s) %s name no role: they may act as client and as worker "
-                                "(operator). Re-issue them with `farpool keygen --role client` or "
-                                "`--role worker` and delete the old files", ", ".join(legacy))
+                self.policy = KeyPolicy.load(keys.key_dir)
                 self.auth = Authenticator(self.ctx, keys.authorized).start()
                 configure_server(self.router, keys)
             check_ipc_free(address)
@@ -238,7 +194,7 @@ class Scheduler:
                 continue
             peer = self.peers.get(identity)
             if self.policy.enforced:
-                self._key = _user_id(frames[1])
+                self._key = user_id(frames[1])
                 if peer is not None and peer.key != self._key:
                     self.dropped(identity, "a message with another key than the peer joined with")
                     continue
@@ -246,6 +202,10 @@ class Scheduler:
                 peer.last_seen = time.monotonic()
             elif msg.kind not in (Kind.HELLO, Kind.STATUS):
                 self.counters["unknown"] += 1
+                if msg.kind is Kind.RESULTS and self.policy.refusal(self._key, PeerRole.WORKER) is None:
+                    # A worker of this scheduler before it restarted, its HELLO to come.
+                    for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
+                        self.unclaimed(entry.task_id, entry.status, payload, entry.duration)
                 if msg.kind not in (Kind.BYE, Kind.LOST):
                     self.send(identity, protocol.encode(Kind.BYE, [RECONNECT]))
                 continue
@@ -281,13 +241,22 @@ class Scheduler:
     def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         hello: protocol.Hello = msg.body[0]
         info = hello.info
-        refusal = refusal_of(hello) or self.policy.refusal(self._key, hello.role)
+        refusal = protocol.hello_refusal(hello) or self.policy.refusal(self._key, hello.role)
         if refusal is not None:
             self.refuse(identity, refusal)
             return
         role = PeerRole(hello.role)
+        if peer is not None and peer.role == role and role != PeerRole.WORKER:
+            # Said again (it took us for gone, or HELLOs queued while the connection was
+            # down): the same peer, whose work goes on. It resubmits what it has no
+            # answer for, and starts its function cache afresh.
+            peer.info, peer.fns, peer.retries = info, ClientFunctions(), hello.retries
+            self.welcome(identity, hello, kept=True)
+            return
         if peer is not None:
-            self.forget(peer, f"it said HELLO again (reconnected) as a {role}")
+            # A worker says HELLO again between tasks, after dropping what it held and had
+            # not begun (see worker_loop.on_bye): that goes back to the queue.
+            self.forget(peer, f"it said HELLO again as a {role}", orderly=peer.role == role)
         peer = Peer(identity, role, info, key=self._key)
         if hello.heartbeat is not None and hello.heartbeat <= MAX_PEER_HEARTBEAT:
             peer.heartbeat = hello.heartbeat
@@ -303,6 +272,7 @@ class Scheduler:
                 if owner.retiring:  # a late starter of a retiring host
                     peer.retiring = True
                     self.send(identity, protocol.encode(Kind.BYE, [ByeReason.RETIRING]))
+            self.reclaims.joined(identity)
             slot = self.dispatcher.add_worker(identity, slots, info=info)
             slot.retiring = peer.retiring
             self.worker_fns[identity] = SentFunctions()
@@ -310,10 +280,29 @@ class Scheduler:
             return
         if role == PeerRole.CLIENT:
             peer.retries = hello.retries
+        if role == PeerRole.SUPERVISOR and hello.running and info.get("session") != self.session:
+            self.rejoin_workers(identity, hello.running)
+        if role == PeerRole.CLIENT and info.get("session") not in (None, self.session):
+            peer.resumed = True  # from before a restart: see on_tasks
         log.info("%s %s joined", role, peer.name)
+        self.welcome(identity, hello, kept=False)
+
+    def welcome(self, identity: bytes, hello: protocol.Hello, *, kept: bool) -> None:
+        """``kept``: we knew the peer already, and kept its state."""
         self.send(identity, protocol.encode(Kind.WELCOME, [{
             "session": self.session, "heartbeat": self.heartbeat, "liveness": self.liveness,
-            "hello": hello.seq, **protocol.version_info()}]))
+            "hello": hello.seq, "kept": kept, **protocol.version_info()}]))
+
+    def rejoin_workers(self, supervisor: bytes, running: list[tuple[bytes, int | None]]) -> None:
+        """A supervisor that served a scheduler before (this one, restarted) kept its
+        worker processes: expect their results, and ask them to say HELLO."""
+        for worker_id, task_id in running:
+            if worker_id not in self.peers:
+                self.reclaims.expect(worker_id, supervisor, task_id)
+                self.send(worker_id, _REJOIN)
+        log.info("worker host %s rejoined with %d worker process(es), %d of them running a task",
+                 self.peers[supervisor].name, len(running),
+                 sum(task_id is not None for _, task_id in running))
 
     def refuse(self, identity: bytes, reason: str) -> None:
         self.counters["refused"] += 1
@@ -331,18 +320,28 @@ class Scheduler:
                 rejected.append((entry.task_id, resolved))
                 continue
             if entry.task_id in peer.tasks:
-                rejected.append((entry.task_id, "task id already in use"))
-                continue
+                continue  # resubmitted after a HELLO again: it is in flight already
             blob, args = resolved
-            task = Task(next(self.task_ids), entry.fn_key, blob, args, client=identity,
-                        context=(identity, peer.epoch, entry.task_id))
+            task = Task(task_key(peer.key, identity, entry.task_id), entry.fn_key, blob, args,
+                        client=identity, context=(identity, peer.epoch, entry.task_id))
             peer.tasks[entry.task_id] = task
-            self.dispatcher.submit(task)
+            if peer.resumed and time.monotonic() < self.rejoin_until:
+                # Just restarted: worker hosts that may run it still have yet to say so.
+                self.held_back.append(task)
+            else:
+                self.submit(task)
         if rejected:
             self.counters["rejected"] += len(rejected)
             self.send(identity, protocol.encode(
                 Kind.RESULTS, [[[tid, int(Status.REJECTED), 1, 0.0] for tid, _ in rejected]],
                 [why.encode() for _, why in rejected]))
+
+    def submit(self, task: Task) -> None:
+        kept = self.reclaims.take_kept(task.task_id)
+        if kept is not None:  # it finished while the client was away: not run again
+            self.route(task, kept.status, kept.payload, kept.duration)
+        elif not self.reclaims.park(task):  # unless a rejoined worker runs it still
+            self.dispatcher.submit(task)
 
     def on_results(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None
@@ -351,9 +350,17 @@ class Scheduler:
         finished = self.dispatcher.finished
         for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             task = finished(identity, entry.task_id, entry.duration)
-            if task is None:
+            if task is None:  # of a task it ran before a restart, or we gave it up for lost
+                self.unclaimed(entry.task_id, entry.status, payload, entry.duration)
                 continue
             self.route(task, entry.status, payload, entry.duration)
+
+    def unclaimed(self, task_id: int, status: int, payload: list[Any], duration: float) -> None:
+        """A result for no task a client is waiting on now: the resubmission waiting for
+        it gets it, else it is kept for one (see rejoin.py)."""
+        waiting = self.reclaims.unclaimed(task_id, status, payload, duration)
+        if waiting is not None:
+            self.route(waiting, status, payload, duration)
 
     def route(self, task: Task, status: int, payload: list[Any], duration: float) -> None:
         """Add a task's outcome to the RESULTS batch for its client (if still there);
@@ -361,7 +368,9 @@ class Scheduler:
         client_id, epoch, client_task = task.context
         client = self.peers.get(client_id)
         if client is None or client.role != PeerRole.CLIENT or client.epoch != epoch:
-            return  # the client left or reconnected: nobody waits for this
+            # The client left or reconnected: kept for its resubmission.
+            self.unclaimed(task.task_id, status, payload, duration)
+            return
         if client.tasks.pop(client_task, None) is None:
             return
         entries, frames = self.out.setdefault(client_id, ([], []))
@@ -415,6 +424,11 @@ class Scheduler:
             raise protocol.ProtocolError(f"LOST from a {peer.role}")
         lost: protocol.Lost = msg.body[0]
         worker = self.peers.get(lost.worker)
+        if worker is None and self.reclaims.rejoining.get(lost.worker) == identity:
+            # It died before saying HELLO to this scheduler: what waited for it.
+            self.apply_loss(self.reclaims.worker_lost(lost.worker), (lost.running, lost.done),
+                            f"worker process on {peer.name} died with {lost.how}")
+            return
         if worker is None or worker.role != PeerRole.WORKER or worker.supervisor != identity:
             return  # already gone (it said BYE), or not this supervisor's
         self.counters["workers_lost"] += 1
@@ -439,6 +453,10 @@ class Scheduler:
         del self.peers[peer.identity]
         if peer.role == PeerRole.CLIENT:
             self.dispatcher.drop_client(peer.identity)  # queued work nobody waits for
+            self.reclaims.cancel_waiting(peer.identity)
+            # Its running tasks go on: if it comes back, they answer its resubmissions.
+            for worker_id, task_id in self.dispatcher.held_for(peer.identity):
+                self.reclaims.expected[task_id] = worker_id
             peer.tasks.clear()
             peer.epoch += 1
         elif peer.role == PeerRole.WORKER:
@@ -449,6 +467,8 @@ class Scheduler:
             if owner is not None:
                 owner.workers.discard(peer.identity)
         elif peer.role == PeerRole.SUPERVISOR:
+            self.apply_loss(self.reclaims.supervisor_lost(peer.identity), None,
+                            f"the worker host {peer.name} {why}")
             for worker_id in list(peer.workers):
                 worker = self.peers.get(worker_id)
                 if worker is not None:
@@ -464,7 +484,14 @@ class Scheduler:
         owner = self.peers.get(worker.supervisor)
         if owner is not None:
             owner.workers.discard(worker.identity)
-        held = self.dispatcher.remove_worker(worker.identity)
+        # Resubmissions waiting for a rejoined worker ran on it before what it holds now.
+        held = self.reclaims.worker_lost(worker.identity)
+        held += self.dispatcher.remove_worker(worker.identity)
+        self.apply_loss(held, record, how)
+
+    def apply_loss(self, held: list[Task], record: tuple[int | None, int | None] | None,
+                   how: str) -> None:
+        """Fail, retry or requeue what a lost worker held, as ``plan_loss`` decides."""
         plan = plan_loss(held, record, self.retries_for)
         for task in plan.failed_running:
             self.route(task, Status.LOST, [f"{how} while running the task".encode()], 0.0)
@@ -481,6 +508,15 @@ class Scheduler:
         return client.retries if client is not None else 0
 
     def check_liveness(self, now: float) -> None:
+        if self.held_back and now >= self.rejoin_until:
+            held, self.held_back = self.held_back, []
+            for task in held:
+                client = self.peers.get(task.context[0])
+                if client is not None and client.epoch == task.context[1]:
+                    self.submit(task)
+        for worker_id in self.reclaims.rejoining:  # until they say HELLO (see rejoin_workers)
+            self.send(worker_id, _REJOIN)
+        self.reclaims.expire(now)
         for peer in list(self.peers.values()):
             # A peer beating slower than we do is judged by its own interval.
             limit = heartbeat_limit(self.heartbeat, self.liveness, peer.heartbeat)
@@ -548,26 +584,8 @@ class Scheduler:
             self.forget(peer, "disconnected")
 
 
-def refusal_of(hello: protocol.Hello) -> str | None:
-    """Why a HELLO is refused (versions that cannot read each other's payloads, a role
-    that is none of the three), or None."""
-    conflicts = protocol.version_conflicts(protocol.version_info(), hello.info)
-    if conflicts:
-        return "incompatible versions: " + "; ".join(conflicts)
-    if not isinstance(hello.role, str) or hello.role not in _ROLES:
-        return f"unknown role {hello.role!r}"
-    return None
-
-
 _PROBE = protocol.encode(Kind.HEARTBEAT)
-
-
-def _user_id(frame: Any) -> bytes | None:
-    """The CURVE public key (Z85) ZAP admitted the frame's sender with."""
-    try:
-        return str(frame.get("User-Id")).encode()
-    except (zmq.ZMQError, AttributeError):
-        return None
+_REJOIN = protocol.encode(Kind.BYE, [RECONNECT])
 
 
 def _router(ctx: zmq.Context, heartbeat: float, liveness: int, max_message_bytes: int) -> zmq.Socket:

@@ -87,6 +87,8 @@ class Node:
             # systemd, Slurm and a terminal's Ctrl-C signal the whole process group: the
             # supervisor drains, so its workers must not die (or raise) of it.
             "stop_signals": "supervisor",
+            # A scheduler that restarts takes them back, running tasks and all.
+            "rejoin": True,
             "hello": {"role": PeerRole.WORKER, "supervisor": self.identity, "host": self.name},
         }
 
@@ -170,9 +172,14 @@ class Node:
                 self.spawn()
 
     def hello(self) -> None:
-        self.send(Kind.HELLO, {"role": PeerRole.SUPERVISOR, "name": self.name, "nprocs": self.nprocs,
-                               "pid": os.getpid(), "heartbeat": self.heartbeat,
-                               **protocol.version_info()})
+        info = {"role": PeerRole.SUPERVISOR, "name": self.name, "nprocs": self.nprocs,
+                "pid": os.getpid(), "heartbeat": self.heartbeat, **protocol.version_info()}
+        if self.procs and self.session is not None:
+            # They outlived a scheduler: a new one takes them back with their tasks.
+            info["session"] = self.session
+            info["running"] = [[worker_id, proc.running_and_done()[0]]
+                               for worker_id, proc in self.procs.items()]
+        self.send(Kind.HELLO, info)
 
     def send(self, kind: Kind, info: Any = None) -> None:
         """Never blocks, so a stop request is always seen: with no connection (after a
@@ -220,11 +227,19 @@ class Node:
         if self.welcomed:
             return  # a duplicate answer to a repeated HELLO
         session = welcome.session
-        if self.session is not None:
-            # Our workers belong to a scheduler that forgot them: start afresh.
-            log.warning("rejoined the scheduler at %s (session %s); restarting workers",
-                        self.address, session)
+        if welcome.info.get("kept"):
+            pass  # it knew us still: nothing was lost
+        elif self.session == session:
+            # The scheduler gave us up for lost (we were silent too long) and has handled
+            # our workers' tasks as lost: start afresh.
+            log.warning("rejoined the scheduler at %s, which had given this host up for "
+                        "lost; restarting worker processes", self.address)
             self.stop_all(report=False)
+        elif self.session is not None:
+            # It restarted. Our HELLO named our worker processes and their tasks: they
+            # go on, and say HELLO themselves when it asks (see rejoin.py).
+            log.warning("rejoined the scheduler at %s (restarted: session %s) with %d worker "
+                        "process(es) kept", self.address, session, len(self.procs))
         else:
             log.info("joined the scheduler at %s with %d worker processes", self.address, self.nprocs)
         self.session = session

@@ -168,8 +168,9 @@ class WorkerLoop:
 
     def __init__(self, sock: zmq.Socket, calls: Any, *, max_tasks: int | None = None,
                  state: mmap.mmap | None = None, stop: threading.Event | None = None,
-                 one_frame: bool = False) -> None:
+                 one_frame: bool = False, rejoin: Callable[[], None] | None = None) -> None:
         self.sock = sock
+        self.rejoin = rejoin  # a daemon's worker: says HELLO to a scheduler that restarted
         self.one_frame = one_frame
         self.stop = stop
         self.calls = calls
@@ -277,7 +278,16 @@ class WorkerLoop:
         self.pending = kept
 
     def on_bye(self, msg: protocol.Message) -> None:
-        self.stop_reason = msg.body[0] or "asked to stop"
+        reason = msg.body[0]
+        if reason == protocol.ByeReason.RECONNECT and self.rejoin is not None:
+            # A scheduler that does not know us (it restarted, or gave us up for lost).
+            # What it handed us ahead, not begun, its clients resubmit: drop it. It knows
+            # none of our functions either.
+            self.pending.clear()
+            self.calls.fns = serialize.FunctionCache()
+            self.rejoin()
+            return
+        self.stop_reason = reason or "asked to stop"
 
     def on_refuse(self, msg: protocol.Message) -> None:  # a scheduler turned this worker away
         self.stop_reason = f"refused: {msg.body[0]}"
@@ -492,10 +502,12 @@ def _process_main() -> int:
         sock.close()
         ctx.term()
         return 3
-    hello(sock, {"pid": os.getpid(), "slots": 1, **protocol.version_info(), **config.get("hello", {})})
+    info = {"pid": os.getpid(), "slots": 1, **protocol.version_info(), **config.get("hello", {})}
+    hello(sock, info)
     network = config.get("network") or {}
     calls = PickledCalls(chunked=bool(network.get("curve")))
-    loop = WorkerLoop(sock, calls, max_tasks=config.get("max_tasks"), state=state)
+    rejoin = (lambda: hello(sock, info)) if config.get("rejoin") else None
+    loop = WorkerLoop(sock, calls, max_tasks=config.get("max_tasks"), state=state, rejoin=rejoin)
     reason = loop.run()
     if reason.startswith("refused"):
         print(f"farpool worker: the scheduler {reason}", file=sys.stderr, flush=True)

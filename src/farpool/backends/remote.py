@@ -257,6 +257,7 @@ class _RemoteIO(IOThread):
         self.sent_fns = serialize.SentFunctions()
         self.welcomed = False
         self.ever_welcomed = False
+        self.session: str | None = None  # the scheduler's, from its WELCOME
         self.hello_seq = 0
         self.reconnect = ReconnectWindow(reconnect_timeout)
         self.last_heard = time.monotonic()
@@ -381,9 +382,11 @@ class _RemoteIO(IOThread):
 
     def hello(self) -> None:
         self.hello_seq += 1
-        self.send_control(protocol.encode(Kind.HELLO, [{
-            "role": PeerRole.CLIENT, "retries": self.retries, "hello": self.hello_seq, "pid": os.getpid(),
-            "heartbeat": self.heartbeat, **protocol.version_info()}]))
+        info = {"role": PeerRole.CLIENT, "retries": self.retries, "hello": self.hello_seq,
+                "pid": os.getpid(), "heartbeat": self.heartbeat, **protocol.version_info()}
+        if self.session is not None:  # a scheduler that restarted keeps what it can
+            info["session"] = self.session
+        self.send_control(protocol.encode(Kind.HELLO, [info]))
 
     def on_monitor(self) -> None:
         from ..security import handshake_failures
@@ -476,6 +479,7 @@ class _RemoteIO(IOThread):
             return  # the answer to an older HELLO
         first = not self.ever_welcomed
         self.welcomed = self.ever_welcomed = True
+        self.session = welcome.session
         self.reconnect.back()
         self.connected.set()
         # A (new) scheduler session knows none of our functions or tasks.

@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from typing import NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import zmq
 from zmq.utils import z85
@@ -177,6 +177,14 @@ def handshake_failures(monitor: zmq.Socket) -> list[str]:
         why = describe_handshake_failure(event["event"], event["value"])
         if why is not None:
             found.append(why)
+
+
+def user_id(frame: Any) -> bytes | None:
+    """The CURVE public key (Z85) ZAP admitted a received frame's sender with."""
+    try:
+        return str(frame.get("User-Id")).encode()
+    except (zmq.ZMQError, AttributeError):
+        return None
 
 
 # -- the authenticator -------------------------------------------------------------------------
