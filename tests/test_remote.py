@@ -561,6 +561,54 @@ def test_a_task_still_running_at_a_scheduler_restart_runs_once(cluster, tmp_path
         close(ex)
 
 
+def test_a_scheduler_stopped_with_sigterm_drains_and_a_restart_runs_the_rest(cluster, tmp_path):
+    """`systemctl restart` of the scheduler: SIGTERM lets the running task report (its
+    future gets the value) and sends out nothing more; the scheduler exits 0 with a
+    "drained" line. The task that was still queued runs, once, on the next scheduler."""
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    first = cluster.scheduler(bind=bind)
+    cluster.worker(nprocs=1)
+    wait_for_workers(cluster.address, 1)
+    runs = tmp_path / "runs"
+    ex = executor(cluster.address, reconnect_timeout=20)
+    try:
+        running = ex.submit(log_run, runs, 1, 1.5)
+        queued = ex.submit(log_run, runs, 2, 0.0)
+        wait_until(runs.exists, 10, "the first task running")
+        first.signal(signal.SIGTERM)
+        assert running.result(timeout=10) == 1
+        assert first.wait(10) == 0
+        assert "drained: every task sent out has reported" in first.log.read_text()
+        assert not queued.done() and runs.read_text().split() == ["1"]
+        cluster.scheduler(bind=bind)
+        assert queued.result(timeout=30) == 2
+        assert runs.read_text().split() == ["1", "2"]
+    finally:
+        close(ex)
+
+
+def test_a_second_sigterm_stops_a_draining_daemon_at_once(cluster, tmp_path):
+    cluster.scheduler()
+    host = cluster.worker(nprocs=1)
+    wait_for_workers(cluster.address, 1)
+    ex = executor(cluster.address)
+    try:
+        long = ex.submit(nap, 60, str(tmp_path / "pid"))
+        read_pid(tmp_path / "pid")
+        host.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert host.proc.poll() is None  # draining: its task may take 30 s
+        started = time.monotonic()
+        host.signal(signal.SIGTERM)
+        assert host.wait(5) == 0
+        assert time.monotonic() - started < 5
+        with pytest.raises(farpool.WorkerLost):
+            long.result(timeout=10)
+        assert "1 task(s) cut short" in host.log.read_text()
+    finally:
+        close(ex)
+
+
 def test_scheduler_killed_for_good(cluster):
     """The scheduler is SIGKILLed and never comes back: pending futures fail with
     SchedulerLost within heartbeat detection plus reconnect_timeout; nothing hangs,

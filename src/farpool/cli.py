@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"address to serve (default {DEFAULT_BIND})")
     p.add_argument("--heartbeat", type=_seconds, default=None,
                    help="seconds between liveness checks (default 1; a peer is lost after 5 missed)")
+    p.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                   help="on SIGTERM, seconds running tasks may take to report before the "
+                        "scheduler exits (default 30; a second SIGTERM exits at once)")
     _add_security(p, server=True)
     p.set_defaults(func=_run_scheduler)
 
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a worker process after this many tasks")
     p.add_argument("--name", default=None, help="name shown by `farpool status` (default: host:pid)")
     p.add_argument("--heartbeat", type=_seconds, default=None, help="seconds between liveness checks")
+    p.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                   help="on SIGTERM, seconds running tasks may take to finish before they are "
+                        "stopped (default 30; a second SIGTERM stops them at once)")
     _add_security(p, server=False)
     p.set_defaults(func=_run_worker)
 

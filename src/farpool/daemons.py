@@ -30,9 +30,17 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
-def _on_signals(stop: Any) -> None:
+def _on_signals(drain: Any, stop: Any) -> None:
+    """SIGTERM or SIGINT drains; a second one stops at once."""
+    signals = 0
+
+    def handler(*_: Any) -> None:
+        nonlocal signals
+        signals += 1
+        (drain if signals == 1 else stop)()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop())
+        signal.signal(sig, handler)
 
 
 def _server_keys(args: argparse.Namespace) -> Any:
@@ -72,7 +80,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
         scheduler = Scheduler(args.bind, keys=keys, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
     except (SecurityError, zmq.ZMQError, ValueError) as exc:
         return _fail(f"cannot serve {args.bind}: {exc}")
-    _on_signals(scheduler.stop)
+    _on_signals(lambda: scheduler.drain(args.drain_timeout), scheduler.stop)
     print(f"farpool scheduler serving {scheduler.address}", flush=True)
     if keys is not None:
         print(f"keys: {keys.key_dir} (workers and clients on this host find them; for other hosts "
@@ -93,10 +101,11 @@ def run_worker(args: argparse.Namespace) -> int:
         curve = _client_curve(args.address, args.key_file, args.insecure)
         node = Node(args.address, nprocs=args.nprocs or os.cpu_count() or 1,
                     max_tasks=args.max_tasks_per_child, name=args.name,
-                    heartbeat=args.heartbeat or DEFAULT_HEARTBEAT, curve=curve)
+                    heartbeat=args.heartbeat or DEFAULT_HEARTBEAT, curve=curve,
+                    grace=args.drain_timeout)
     except (SecurityError, zmq.ZMQError, ValueError) as exc:
         return _fail(f"cannot join {args.address}: {exc}")
-    _on_signals(node.stop)
+    _on_signals(node.stop, node.stop_now)
     return node.run()
 
 
@@ -115,7 +124,7 @@ def run_cluster(args: argparse.Namespace) -> int:
         return _fail(f"cannot start a cluster on {args.bind}: {exc}")
     thread = threading.Thread(target=scheduler.run, name="farpool-scheduler", daemon=True)
     thread.start()
-    _on_signals(node.stop)
+    _on_signals(node.stop, node.stop_now)
     print(f"farpool cluster: {node.nprocs} workers behind {scheduler.address}\n"
           f"use it with: FARPOOL_ADDRESS={scheduler.address}", flush=True)
     if keys is not None and args.key_dir:

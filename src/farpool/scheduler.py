@@ -114,6 +114,8 @@ class Scheduler:
         # RESULTS waiting to go out, per client: (entries, frames).
         self.out: dict[bytes, tuple[list[Any], list[Any]]] = {}
         self._stop = threading.Event()
+        self._drain_seconds: float | None = None  # drain() asked for
+        self.draining_until: float | None = None
         self.malformed_log = OncePerSecond()
         self._keys_loaded = time.monotonic()
 
@@ -150,7 +152,14 @@ class Scheduler:
 
     # -- control -------------------------------------------------------------------
     def stop(self) -> None:
+        """Exit now (safe from a signal handler or another thread)."""
         self._stop.set()
+
+    def drain(self, seconds: float) -> None:
+        """Exit once the tasks workers hold have reported, within ``seconds``; send out
+        no more. Clients keep what did not run, and resubmit it to the next scheduler.
+        Safe from a signal handler."""
+        self._drain_seconds = seconds
 
     def close(self) -> None:
         if self.router is not None:
@@ -172,12 +181,30 @@ class Scheduler:
                 self.flush_results()
                 self.dispatch()
             now = time.monotonic()
+            if self._drain_seconds is not None and self.drained(now):
+                return
             if now >= next_check:
                 next_check = now + self.heartbeat
                 self.check_liveness(now)
                 self.reload_keys(now)
                 self.flush_results()
                 self.dispatch()
+
+    def drained(self, now: float) -> bool:
+        running = self.dispatcher.in_flight()
+        if self.draining_until is None:
+            self.draining_until = now + self._drain_seconds  # type: ignore[operator]
+            log.info("draining: %d task(s) on workers may report for %g s; nothing more is "
+                     "sent out", running, self._drain_seconds)
+        if running and now < self.draining_until:
+            return False
+        self.flush_results()
+        if running:
+            log.warning("stopped with %d task(s) still running; their clients resubmit them "
+                        "to the next scheduler", running)
+        else:
+            log.info("drained: every task sent out has reported; stopped")
+        return True
 
     # -- input ---------------------------------------------------------------------
     def receive(self) -> None:
@@ -556,6 +583,8 @@ class Scheduler:
 
     # -- output --------------------------------------------------------------------
     def dispatch(self) -> None:
+        if self.draining_until is not None:
+            return
         for worker, batch in self.dispatcher.assign():
             needs = self.worker_fns[worker.worker_id].needs
             self.send(worker.worker_id, protocol.encode_tasks(batch, needs))

@@ -74,6 +74,8 @@ class Node:
         self.welcomed = False
         self.last_heard = time.monotonic()
         self.stop_requested = threading.Event()
+        self.stop_at_once = False
+        self.drain_started = 0.0
         self.draining_until: float | None = None
         self.start_failures = StartFailures(give_up=False)
         self.respawn_at = 0.0
@@ -116,6 +118,11 @@ class Node:
         """Drain and exit (safe from a signal handler or another thread)."""
         self.stop_requested.set()
 
+    def stop_now(self) -> None:
+        """Stop the worker processes and exit, drained or not (a second SIGTERM)."""
+        self.stop_at_once = True
+        self.stop_requested.set()
+
     # -- main loop -----------------------------------------------------------------
     def run(self) -> int:
         try:
@@ -141,13 +148,15 @@ class Node:
             now = time.monotonic()
             if self.stop_requested.is_set() and self.draining_until is None:
                 self.start_draining(now)
+            if self.stop_at_once and self.draining_until is not None:
+                self.draining_until = now
             if self.draining_until is not None:
                 if self.welcomed and silent_too_long(self.last_heard, now, self.heartbeat, DEFAULT_LIVENESS):
                     # The scheduler is gone: nobody would take back our tasks or results.
                     log.warning("the scheduler at %s stopped answering; stopping now", self.address)
                     self.welcomed = False
                     self.draining_until = now
-                if not self.procs or now > self.draining_until:
+                if not self.procs or now >= self.draining_until:
                     self.finish_draining()
                     return 0
                 if self.welcomed and now >= next_beat:
@@ -305,6 +314,7 @@ class Node:
 
     # -- stopping --------------------------------------------------------------------
     def start_draining(self, now: float) -> None:
+        self.drain_started = now
         if self.welcomed:
             log.info("draining: the running tasks finish, the rest go back to the scheduler")
             self.send(Kind.BYE, ByeReason.RETIRING)
@@ -313,12 +323,14 @@ class Node:
             self.draining_until = now  # no scheduler to hand work back to
 
     def finish_draining(self) -> None:
-        if self.procs:
-            log.warning("%d worker process(es) still busy after %.0f s: stopping them",
-                        len(self.procs), self.grace)
+        busy = len(self.procs)
+        if busy:
+            log.warning("stopping %d worker process(es) still busy after %.1f s of draining",
+                        busy, time.monotonic() - self.drain_started)
         self.stop_all(report=True)
         if self.welcomed:
             self.send(Kind.BYE, ByeReason.STOPPED)
+        log.info("stopped%s", f" ({busy} task(s) cut short)" if busy else ": drained")
 
     def close(self) -> None:
         self.stop_all(report=False)
