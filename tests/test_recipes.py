@@ -6,6 +6,11 @@ a Kubernetes container's command/args with $(VAR) from its env), shell variables
 set to sample values, and the result goes through ``farpool.cli.build_parser()`` with
 abbreviated options refused, so a misspelt or shortened option fails here rather than
 on a cluster. Then each recipe's parsed fields are checked against what it means to do.
+
+Beyond the command lines: the systemd units pass ``systemd-analyze verify`` and rate
+"OK" in ``systemd-analyze security`` (where systemd-analyze is installed), and every
+install line of the recipes works from a fresh clone of the repository (farpool is not
+on PyPI, so no recipe may install it from an index).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +38,9 @@ from farpool.cli import build_parser
 
 pytestmark = pytest.mark.timeout(30)
 
-WORKERS = Path(__file__).resolve().parents[1] / "workers"
-SUBCOMMANDS = ("scheduler", "worker", "cluster", "status", "keygen", "demo")
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = REPO / "workers"
+SUBCOMMANDS = ("scheduler", "worker", "cluster", "status", "keygen", "demo", "run")
 
 
 class RecipeError(Exception):
@@ -131,9 +141,9 @@ def read_shell_script(text: str, env: dict[str, str], name: str, first_line: int
     return commands
 
 
-def read_markdown(text: str, env: dict[str, str], name: str) -> list[Command]:
-    """The shell lines of fenced code blocks."""
-    commands: list[Command] = []
+def markdown_blocks(text: str, name: str) -> list[tuple[int, str]]:
+    """Fenced code blocks: (number of their first line, their text, dedented)."""
+    blocks: list[tuple[int, str]] = []
     block: list[str] | None = None
     first = 0
     for number, line in enumerate(text.splitlines(), 1):
@@ -141,11 +151,19 @@ def read_markdown(text: str, env: dict[str, str], name: str) -> list[Command]:
             if block is None:
                 block, first = [], number + 1
             else:
-                commands += read_shell_script("\n".join(block), env, name, first)
+                blocks.append((first, textwrap.dedent("\n".join(block))))
                 block = None
         elif block is not None:
             block.append(line)
     assert block is None, f"{name}: unclosed code block"
+    return blocks
+
+
+def read_markdown(text: str, env: dict[str, str], name: str) -> list[Command]:
+    """The shell lines of fenced code blocks."""
+    commands: list[Command] = []
+    for first, block in markdown_blocks(text, name):
+        commands += read_shell_script(block, env, name, first)
     return commands
 
 
@@ -319,6 +337,7 @@ RECIPES: dict[str, tuple[Reader, dict[str, str]]] = {
     "container/Containerfile": (read_containerfile, {}),
     "slurm/farpool-workers.sbatch": (read_shell_script, SLURM_ENV),
     "kubernetes/farpool-workers.yaml": (read_kubernetes, {}),
+    "kubernetes/farpool-client.yaml": (read_kubernetes, {}),
     "README.md": (read_markdown, {}),
 }
 
@@ -383,6 +402,13 @@ def test_container():
     assert base.startswith("python:") and base.endswith("-slim")
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users and users[-1] not in ("root", "0"), "the worker must not run as root"
+    # farpool comes from the build context, the repository's root (it is not on PyPI).
+    assert "-f workers/container/Containerfile ." in text
+    copies = [shlex.split(rest) for keyword, rest in instructions if keyword == "COPY"]
+    assert copies, "the image installs farpool from the repository"
+    for *sources, _dest in copies:
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
 
 
 def test_slurm():
@@ -462,3 +488,358 @@ def test_a_typo_in_a_shell_variable_fails():
     with pytest.raises(RecipeError, match=r"\$SLURM_CPUS_ON_NOD\b"):
         read_shell_script("srun sh -c 'farpool worker tcp://h:1 --nprocs \"$SLURM_CPUS_ON_NOD\"'",
                           SLURM_ENV, "script")
+
+
+# -- Kubernetes clients ------------------------------------------------------------------------
+
+
+def test_kubernetes_client():
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads the Kubernetes manifests")
+    workers = {(d["kind"], d["metadata"]["name"]): d
+               for d in yaml.safe_load_all((WORKERS / "kubernetes/farpool-workers.yaml").read_text())}
+    clients = {(d["kind"], d["metadata"]["name"]): d
+               for d in yaml.safe_load_all((WORKERS / "kubernetes/farpool-client.yaml").read_text())}
+    [args] = parsed("kubernetes/farpool-client.yaml")
+    # The client reaches the scheduler through its Service, by name and port.
+    service = workers["Service", "farpool-scheduler"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    [port] = service["spec"]["ports"]
+    assert (args.command, args.address) == ("run", f"tcp://farpool-scheduler:{port['port']}")
+    job = clients["Job", "farpool-client"]["spec"]["template"]
+    labels = job["metadata"]["labels"]
+    assert not set(service["spec"]["selector"].items()) <= set(labels.items()), \
+        "the client's pods must not be endpoints of the scheduler's Service"
+    [container] = job["spec"]["containers"]
+    [worker] = workers["Deployment", "farpool-workers"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == worker["image"], "clients need the workers' Python and farpool"
+    # Its key: a client key from a Secret of its own, as FARPOOL_KEY.
+    [key] = [e for e in container["env"] if e["name"] == "FARPOOL_KEY"]
+    assert key["valueFrom"]["secretKeyRef"]["name"] == "farpool-client-key"
+    readme = (WORKERS / "README.md").read_text()
+    assert "farpool keygen --role client --name k8s-clients" in readme
+    assert "create secret generic farpool-client-key" in readme
+    # The script comes from the ConfigMap mounted where the command looks for it.
+    script = Path(args.script)
+    [mount] = [m for m in container["volumeMounts"] if str(script.parent) == m["mountPath"]]
+    [volume] = [v for v in job["spec"]["volumes"] if v["name"] == mount["name"]]
+    config = clients["ConfigMap", volume["configMap"]["name"]]
+    compile(config["data"][script.name], str(script), "exec")
+
+
+# -- systemd -----------------------------------------------------------------------------------
+
+UNITS = ("farpool-worker.service", "farpool-scheduler.service")
+RECIPE_FARPOOL = "/opt/farpool/venv/bin/farpool"
+
+
+def _systemd_analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if found is None:
+        pytest.skip("systemd-analyze is not installed here (CI with systemd runs this check)")
+    return found
+
+
+@contextlib.contextmanager
+def _runnable_unit(unit: str, edit: Callable[[str], str] = lambda text: text) -> Iterator[Path]:
+    """A temporary copy of a unit whose ExecStart= names an executable that exists here.
+
+    `systemd-analyze verify` rightly fails a unit whose command does not exist, and
+    /opt/farpool/venv/bin/farpool (where the recipe installs farpool) is not on this
+    machine: the copy points at this environment's farpool (else this Python) instead.
+    Nothing else in the unit is changed, and the file keeps its name, which verify checks.
+    """
+    real = Path(sys.executable).with_name("farpool")
+    text = (WORKERS / "systemd" / unit).read_text(encoding="utf-8")
+    assert RECIPE_FARPOOL in text
+    with tempfile.TemporaryDirectory(prefix="farpool-units-") as directory:
+        path = Path(directory) / unit
+        path.write_text(edit(text.replace(RECIPE_FARPOOL, str(real if real.exists() else sys.executable))))
+        yield path
+
+
+def _verify(analyze: str, path: Path) -> list[str]:
+    """What `systemd-analyze verify` says about this unit. It exits 0 on unknown keys and
+    unparsable values (it only warns), so its messages about the unit count too."""
+    done = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if path.name in line]
+    if done.returncode != 0:
+        said.append(f"exit status {done.returncode}: {done.stderr.strip()}")
+    return said
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_analyze_verify(unit):
+    analyze = _systemd_analyze()
+    with _runnable_unit(unit) as path:
+        assert _verify(analyze, path) == []
+
+
+def test_systemd_analyze_verify_catches_a_typo():
+    analyze = _systemd_analyze()
+    with _runnable_unit(UNITS[0], lambda text: text.replace("KillMode=mixed", "KillMode=mixd")) as path:
+        assert any("mixd" in line for line in _verify(analyze, path))
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_security_rating(unit):
+    """Before the hardening both units rated 8.7 "EXPOSED"; now 1.5 and 1.4 (systemd 252)."""
+    analyze = _systemd_analyze()
+    with _runnable_unit(unit) as path:
+        done = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(path)],
+                              capture_output=True, text=True, timeout=60)
+    level = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", done.stdout)
+    if level is None:
+        pytest.skip(f"this systemd-analyze has no offline security review: {done.stderr.strip()}")
+    assert float(level.group(1)) <= 3.0, done.stdout
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_unit_settings(unit):
+    settings = systemd_unit((WORKERS / "systemd" / unit).read_text(), unit)
+
+    def one(key: str) -> str:
+        [value] = settings[key]
+        return value
+
+    # SIGTERM to the main process only, which drains; SIGKILL to what is left (KillMode=mixed).
+    assert (one("KillMode"), one("KillSignal")) == ("mixed", "SIGTERM")
+    assert int(one("TimeoutStopSec")) >= 30
+    for key in ("NoNewPrivileges", "PrivateTmp", "PrivateDevices", "ProtectHome", "ProtectKernelTunables",
+                "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups"):
+        assert one(key) == "yes", key
+    assert one("ProtectSystem") == "strict"
+    assert one("CapabilityBoundingSet") == ""
+    # What farpool needs: local sockets to its worker processes, the network, fork and the
+    # pidfd calls (@process), CPU affinity (@resources), and writable memory for ctypes.
+    assert set(one("RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    filters = settings["SystemCallFilter"]
+    assert filters[0] == "@system-service"
+    assert not any(group in f for f in filters[1:] for group in ("@process", "@resources", "@basic-io"))
+    assert "MemoryDenyWriteExecute" not in settings
+    # The writable places: the state directory (HOME and working directory), mode 0700.
+    [state] = settings["StateDirectory"]
+    assert one("StateDirectoryMode") == "0700"
+    assert one("WorkingDirectory") == f"/var/lib/{state}"
+    if unit == "farpool-worker.service":
+        assert f"HOME=/var/lib/{state}" in settings["Environment"]
+        # Tasks must not read the keys of a scheduler on the same host (same user).
+        scheduler = systemd_unit((WORKERS / "systemd/farpool-scheduler.service").read_text(), "scheduler")
+        assert settings["InaccessiblePaths"] == [f"-/var/lib/{scheduler['StateDirectory'][0]}"]
+
+
+# -- Slurm signals -----------------------------------------------------------------------------
+
+
+def test_slurm_signals_reach_the_workers():
+    text = (WORKERS / "slurm/farpool-workers.sbatch").read_text()
+    signals = re.findall(r"^#SBATCH --signal=(\S+)", text, re.MULTILINE)
+    # No B: prefix, which would signal only the batch shell and never reach srun's tasks.
+    assert len(signals) == 1 and re.fullmatch(r"TERM@\d+", signals[0]), signals
+    assert "scancel --signal=TERM JOBID" in text
+    assert "scancel --signal=TERM JOBID" in (WORKERS / "README.md").read_text()
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def test_readme_key_steps_say_where_the_key_file_comes_from():
+    """Each `farpool keygen` in the README is followed by the path of the file it writes,
+    KEY_DIR/issued/NAME.cluster-key, which a later command copies away."""
+    text = (WORKERS / "README.md").read_text()
+    lines = [line for _, block in markdown_blocks(text, "README.md") for _, line in _logical_lines(block)]
+    keygens = 0
+    for number, line in enumerate(lines):
+        for argv, where in shell_commands(line, {}, "README.md"):
+            args = parse(argv, where)
+            if args.command != "keygen":
+                continue
+            keygens += 1
+            issued = f"{args.key_dir}/issued/{args.name}.cluster-key"
+            assert any(issued in later for later in lines[number + 1:]), f"{line!r}: nothing copies {issued}"
+    assert keygens >= 4
+
+
+# -- installing farpool ------------------------------------------------------------------------
+
+# The placeholder the recipes use for the repository's URL (there is no public one).
+REPO_URL = "https://git.example.org/farpool.git"
+_INDEX_FARPOOL = re.compile(r"farpool\s*(\[[^\]]*\])?\s*($|[=<>!~])")
+
+
+def _pip_install_lines() -> list[tuple[str, str]]:
+    """(file, what follows `pip install`) for every pip install anywhere in the recipes and
+    the top-level README (code blocks, comments, table cells)."""
+    found = []
+    for path in [REPO / "README.md", *sorted(p for p in WORKERS.rglob("*") if p.is_file())]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            for match in re.finditer(r"pip['\"]? install ([^`\n&|;]*)", line):
+                found.append((str(path.relative_to(REPO)), match.group(1)))
+    return found
+
+
+def test_no_recipe_installs_farpool_from_an_index():
+    """farpool is not published: `pip install farpool` (or farpool[extra], farpool==V) fails."""
+    lines = _pip_install_lines()
+    assert len(lines) >= 8
+    extras_known = None
+    for where, rest in lines:
+        for word in shlex.split(rest, comments=True):
+            if word.startswith("-"):
+                continue
+            assert not _INDEX_FARPOOL.fullmatch(word), \
+                f"{where}: `pip install {rest.strip()}` asks an index for farpool, which is not published"
+            extras = re.fullmatch(r"\.\[([^\]]*)\]", word)
+            if extras:  # `pip install -e '.[dask]'` in a clone: the extras must exist
+                if extras_known is None:
+                    tomllib = pytest.importorskip("tomllib")
+                    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                    extras_known = set(project["optional-dependencies"])
+                assert set(extras.group(1).split(",")) <= extras_known, f"{where}: {word}"
+
+
+@pytest.fixture(scope="module")
+def fresh_clone() -> Iterator[Path]:
+    """A `git clone` of this repository, with the work tree's uncommitted changes (what is
+    under review) committed on top, so that it holds what the next commit will: no virtual
+    environments, caches or other ignored files. Removed afterwards."""
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("needs git and a git checkout of the repository")
+
+    def run_git(*args: str, cwd: Path) -> str:
+        return subprocess.run([git, *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                              check=True).stdout
+
+    root = Path(tempfile.mkdtemp(prefix="farpool-clone-"))
+    try:
+        clone = root / "farpool"
+        run_git("clone", "--quiet", str(REPO), str(clone), cwd=root)
+        changed = run_git("ls-files", "-z", "--modified", "--others", "--exclude-standard", cwd=REPO)
+        for name in filter(None, changed.split("\0")):
+            source, target = REPO / name, clone / name
+            if source.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+            elif target.exists():  # deleted in the work tree
+                target.unlink()
+        run_git("add", "--all", cwd=clone)
+        run_git("-c", "user.name=farpool tests", "-c", "user.email=tests@farpool.invalid",
+                "commit", "--quiet", "--no-verify", "--allow-empty", "-m", "work tree", cwd=clone)
+        yield clone
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _install_env(scratch: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(HOME=str(scratch / "home"), PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+               GIT_TERMINAL_PROMPT="0",
+               # `python3`, `pip` in a recipe: this environment's, the one the tests run in.
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    (scratch / "home").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def _run_install(argv: list[str], where: str, cwd: Path, env: dict[str, str]) -> None:
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        if re.search(r"(No matching distribution|Could not find a version) .*hatchling", done.stderr):
+            pytest.skip(f"{where}: pip cannot fetch the build backend (hatchling) here")
+        pytest.fail(f"{where} failed (exit status {done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def _check_installed(venv: Path, where: str) -> None:
+    """`farpool --help` runs from the new environment, and its farpool is the one installed
+    there (not this checkout), at this checkout's version."""
+    done = subprocess.run([str(venv / "bin" / "farpool"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: farpool"), f"{where}: {done.stderr}"
+    probe = ("import farpool, importlib.metadata as m; "
+             "print(farpool.__file__); print(m.version('farpool'))")
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                          timeout=60, cwd=venv)
+    assert done.returncode == 0, f"{where}: {done.stderr}"
+    location, version = done.stdout.split()
+    assert Path(location).resolve().is_relative_to(venv.resolve()), f"{where}: farpool from {location}"
+    tomllib = pytest.importorskip("tomllib")
+    assert version == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _readme_install_blocks() -> list[tuple[int, str]]:
+    text = (WORKERS / "README.md").read_text(encoding="utf-8")
+    return [(first, block) for first, block in markdown_blocks(text, "README.md") if "pip install" in block]
+
+
+_INSTALL_COMMAND = re.compile(
+    r"(git clone|python3 -m venv|python3 -m pip (install|wheel)|\S*/bin/pip install) ")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("first", [first for first, _ in _readme_install_blocks()],
+                         ids=lambda first: f"README.md:{first}")
+def test_readme_install_block_works_from_a_fresh_clone(first, fresh_clone):
+    """The block, as written, in a scratch directory: the repository's placeholder URL is
+    this clone, /opt/ a scratch directory, and `pip install` gets --no-deps (the
+    dependencies come from an index and are not what is checked here)."""
+    [block] = [block for number, block in _readme_install_blocks() if number == first]
+    where = f"workers/README.md:{first}"
+    lines = [line for _, line in _logical_lines(block) if line.strip() and not line.lstrip().startswith("#")]
+    for line in lines:
+        assert _INSTALL_COMMAND.match(line), f"{where}: keep install blocks to install commands: {line!r}"
+    with tempfile.TemporaryDirectory(prefix="farpool-install-") as directory:
+        scratch = Path(directory)
+        (scratch / "work").mkdir()
+        script = "\n".join(lines).replace(REPO_URL, fresh_clone.as_uri())
+        script = script.replace("/opt/", f"{scratch}/opt/")
+        script = re.sub(r"\bpip install ", "pip install --no-deps ", script)
+        bash = shutil.which("bash") or pytest.skip("no bash here")
+        _run_install([bash, "-euo", "pipefail", "-c", script], where, scratch / "work", _install_env(scratch))
+        venvs = [cfg.parent for cfg in scratch.rglob("pyvenv.cfg")]
+        assert len(venvs) == 1, f"{where}: expected one virtual environment, found {venvs}"
+        _check_installed(venvs[0], where)
+
+
+@pytest.mark.timeout(240)
+def test_containerfile_installs_from_a_fresh_clone(fresh_clone):
+    """The Containerfile's COPY and `pip install` steps, with the clone as the build
+    context and a scratch directory as the image's file system (and a virtual environment
+    as its Python); other RUN steps are not run."""
+    where = "workers/container/Containerfile"
+    with tempfile.TemporaryDirectory(prefix="farpool-image-") as directory:
+        scratch = Path(directory)
+        image, venv = scratch / "image", scratch / "venv"
+        env = _install_env(scratch)
+        _run_install([sys.executable, "-m", "venv", str(venv)], where, scratch, env)
+        copied: list[str] = []
+        installs = 0
+        for keyword, rest in containerfile_instructions((WORKERS / "container/Containerfile").read_text()):
+            if keyword == "COPY":
+                words = shlex.split(rest)
+                assert not any(w.startswith("--") for w in words), \
+                    f"{where}: COPY {rest}: add its options to this reader"
+                *sources, dest = words
+                target = image / dest.lstrip("/")
+                for source in sources:
+                    path = fresh_clone / source  # the build context: the repository's root
+                    assert path.exists(), f"{where}: COPY {source}: not in a clone of the repository"
+                    if path.is_dir():
+                        shutil.copytree(path, target, dirs_exist_ok=True)
+                    else:
+                        into = target / path.name if dest.endswith("/") or len(sources) > 1 else target
+                        into.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(path, into)
+                copied.append(dest.rstrip("/"))
+            elif keyword == "RUN":
+                for segment in re.split(r"&&|;", rest):
+                    words = shlex.split(segment)
+                    if words[:4] != ["python", "-m", "pip", "install"]:
+                        continue
+                    paths = [w for w in words if any(w == d or w.startswith(d + "/") for d in copied)]
+                    if not paths:  # the libraries tasks import, from an index: not checked here
+                        continue
+                    argv = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps"]
+                    argv += [str(image / w.lstrip("/")) if w in paths else w for w in words[4:]]
+                    _run_install(argv, where, scratch, env)
+                    installs += 1
+        assert installs == 1, f"{where}: expected one `pip install` of farpool from the build context"
+        _check_installed(venv, where)
