@@ -927,6 +927,20 @@ def test_status_command(shared_address):
     assert re.search(r"^clients \d+\s+workers 2\s+slots 2$", out.stdout, re.M), out.stdout
     assert re.search(r"^tasks: queued \d+\s+running \d+\s+done \d+$", out.stdout, re.M), out.stdout
     assert "host shared: 2 worker processes" in out.stdout
+    # Clients and worker processes are named for people; counters say what they count.
+    with farpool.Executor(shared_address, name="nightly-report") as ex:
+        held = ex.submit(nap, 3)
+        out = subprocess.run([*cmd, shared_address], capture_output=True, text=True, env=env,
+                             timeout=30)
+        info = json.loads(subprocess.run([*cmd, shared_address, "--json"], capture_output=True,
+                                         text=True, env=env, timeout=30).stdout)
+        held.cancel()
+    assert "client nightly-report: 1 unfinished task(s)" in out.stdout, out.stdout
+    assert [c["name"] for c in info["client_list"]] == ["nightly-report"]
+    assert all(re.fullmatch(r"shared pid \d+", w["name"]) for w in info["workers"]), info
+    for line in out.stdout.splitlines():
+        if line.startswith("  unknown ") or line.startswith("  refused "):
+            assert ": " in line, line  # explained
     nobody = f"tcp://127.0.0.1:{free_port()}"
     out = subprocess.run([*cmd, nobody, "--timeout", "1"], capture_output=True, text=True, env=env,
                          timeout=30)
@@ -1079,7 +1093,8 @@ def test_peer_supplied_names_cannot_reach_the_operators_terminal_raw(cluster):
         assert r"host evil\x1b[2J\x07host: 0 worker processes" in out.stdout
         out = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=30)
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["supervisors"][0]["name"] == "evil\x1b[2J\x07host"
+        # Peer-supplied names reach reports and logs with control characters escaped.
+        assert json.loads(out.stdout)["supervisors"][0]["name"] == r"evil\x1b[2J\x07host"
         ctx2, other = dealer(address, keys=client_keys())
         try:
             other.send_multipart(protocol.encode(Kind.HELLO, [{**hello, "name": b"\xff\xfe"}]))

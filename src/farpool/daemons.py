@@ -21,6 +21,7 @@ from .addresses import check_address
 from .errors import SecurityError
 from .protocol import Kind
 from .scheduler import DEFAULT_HEARTBEAT, Scheduler
+from .status_report import COUNTERS, printable
 
 log = logging.getLogger("farpool")
 
@@ -174,13 +175,6 @@ def query_status(address: str, *, curve: Any = None, timeout: float = 5.0) -> di
         ctx.term()
 
 
-def printable(text: Any) -> str:
-    """Peer-supplied text for a terminal: control characters (escape sequences) shown
-    as escapes, never sent raw."""
-    text = str(text)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def run_status(args: argparse.Namespace) -> int:
     try:
         check_address(args.address)
@@ -194,12 +188,17 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"scheduler {info['address']}  session {info['session']}  up {info['uptime']} s")
     print(f"clients {info['clients']}  workers {len(info['workers'])}  slots {info['slots']}")
     print(f"tasks: queued {info['queued']}  running {info['running']}  done {info['done']}")
+    for client in info.get("client_list", []):
+        print(f"  client {printable(client['name'])}: {client['unfinished']} unfinished task(s)")
     for sup in info["supervisors"]:
         state = " (retiring)" if sup["retiring"] else ""
         print(f"  host {printable(sup['name'])}: {sup['workers']} worker processes{state}")
     extra = {k: v for k, v in info.items() if k not in {
-        "session", "address", "uptime", "clients", "supervisors", "workers", "slots", "queued",
-        "running", "done"}}
+        "session", "address", "uptime", "clients", "client_list", "supervisors", "workers",
+        "slots", "queued", "running", "done"}}
     if extra:
-        print("counters: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+        print("counters:")
+        for key, value in extra.items():
+            meaning = COUNTERS.get(key)
+            print(f"  {printable(key)} {printable(value)}" + (f": {meaning}" if meaning else ""))
     return 0

@@ -46,7 +46,7 @@ from .log_limit import OncePerSecond
 from .protocol import ByeReason, Kind, PeerRole, Status
 from .rejoin import Reclaims, task_key
 from .security.auth import user_id
-from .status_report import status_report, totals_report
+from .status_report import printable, status_report, totals_report
 
 log = logging.getLogger("farpool.scheduler")
 
@@ -82,7 +82,13 @@ class Peer:
 
     @property
     def name(self) -> str:
-        return str(self.info.get("name") or self.identity.hex())
+        """For people: the name it gave, else a worker process's host and pid."""
+        name, host = self.info.get("name"), self.info.get("host")
+        if isinstance(name, str) and name:  # peer-supplied: no escape sequences in logs
+            return printable(name)
+        if isinstance(host, str) and host:
+            return printable(f"{host} pid {self.info.get('pid')}")
+        return self.identity.hex()
 
 
 class Scheduler:
@@ -245,12 +251,16 @@ class Scheduler:
             except protocol.ProtocolError as exc:
                 self.dropped(identity, str(exc))
             except Exception as exc:  # noqa: BLE001 - one peer's message never stops the scheduler
-                log.exception("a %s message from peer %s raised; dropping the peer", msg.kind.name,
-                              identity.hex())
+                log.exception("a %s message from %s raised; dropping the peer", msg.kind.name,
+                              self.who(identity))
                 self.dropped(identity, f"{msg.kind.name} raised {type(exc).__name__}: {exc}")
                 peer = self.peers.get(identity)
                 if peer is not None:
                     self.forget(peer, f"its {msg.kind.name} message raised {type(exc).__name__}")
+
+    def who(self, identity: bytes) -> str:
+        peer = self.peers.get(identity)
+        return f"{peer.role} {peer.name}" if peer is not None else f"peer {identity.hex()}"
 
     def dropped(self, identity: bytes, why: str) -> None:
         """Count and log (at most once a second) a message that was not understood.
@@ -262,7 +272,7 @@ class Scheduler:
         self.counters["malformed"] += 1
         more = self.malformed_log.passes(time.monotonic())
         if more is not None:
-            log.warning("dropped a malformed message from peer %s: %s%s", identity.hex(), why,
+            log.warning("dropped a malformed message from %s: %s%s", self.who(identity), why,
                         f" (and {more} more since)" if more else "")
 
     def on_hello(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
@@ -303,7 +313,7 @@ class Scheduler:
             slot = self.dispatcher.add_worker(identity, slots, info=info)
             slot.retiring = peer.retiring
             self.worker_fns[identity] = SentFunctions()
-            log.info("worker %s joined (pid %s)", identity.hex(), hello.pid)
+            log.info("worker process %s joined", peer.name)
             return
         if role == PeerRole.CLIENT:
             peer.retries = hello.retries
@@ -333,7 +343,7 @@ class Scheduler:
 
     def refuse(self, identity: bytes, reason: str) -> None:
         self.counters["refused"] += 1
-        log.warning("refused peer %s: %s", identity.hex(), reason)
+        log.warning("refused %s: %s", self.who(identity), reason)
         self.send(identity, protocol.encode(Kind.REFUSE, [reason]))
 
     def on_tasks(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:

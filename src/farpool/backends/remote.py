@@ -25,6 +25,8 @@ import logging
 import os
 import secrets
 import select
+import socket
+import sys
 import threading
 import time
 import traceback
@@ -110,6 +112,8 @@ class RemoteBackend:
     ``key_file`` (cluster key file; default ``$FARPOOL_KEY`` or this host's keys),
     ``insecure`` (tcp without CURVE, to a scheduler started with ``--insecure``),
     ``heartbeat`` (seconds), ``connect_timeout`` and ``reconnect_timeout`` (seconds).
+    ``name``: how the scheduler's log and `farpool status` name this client (default:
+    the script's name, host and pid).
     ``ship_modules``: the script's local modules travel to the workers (True, the
     default, finds them; False sends none; a list of modules or names adds those; see
     ``farpool.code_bundle``). ``max_workers`` is accepted for compatibility: the
@@ -123,17 +127,19 @@ class RemoteBackend:
                  insecure: bool = False, heartbeat: float = DEFAULT_HEARTBEAT,
                  connect_timeout: float = 10.0, reconnect_timeout: float = 10.0,
                  max_tasks_per_child: int | None = None, mp_context: Any = None,
-                 ship_modules: Any = True) -> None:
+                 ship_modules: Any = True, name: str | None = None) -> None:
         check_max_workers(max_workers, None)
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 200):
+            raise ValueError(f"name must be a string of 1 to 200 characters, not {name!r:.80}")
         if max_tasks_per_child is not None:
             raise ValueError("max_tasks_per_child is set on the worker daemons: "
                              "`farpool worker ADDRESS --max-tasks-per-child N`")
         check_initializer(initializer)
         check_retries(retries)
-        for name, value in (("heartbeat", heartbeat), ("connect_timeout", connect_timeout),
-                            ("reconnect_timeout", reconnect_timeout)):
+        for option, value in (("heartbeat", heartbeat), ("connect_timeout", connect_timeout),
+                              ("reconnect_timeout", reconnect_timeout)):
             if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+                raise ValueError(f"{option} must be a positive number of seconds, not {value!r}")
         check_address(address)
         curve = None
         if address.startswith("tcp://"):
@@ -151,7 +157,8 @@ class RemoteBackend:
         # modules, which the shared workers keep apart per client (see code_bundle).
         self._packer = CallPacker(initializer, tuple(initargs), ship_modules=ship_modules)
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
-                             reconnect_timeout=float(reconnect_timeout))
+                             reconnect_timeout=float(reconnect_timeout),
+                             name=name or _default_name())
         self._io.start(float(connect_timeout))
         self._finalizer = weakref.finalize(self, _RemoteIO.request_close, self._io, False)
 
@@ -217,6 +224,14 @@ class RemoteBackend:
         return {"pending": unfinished, "unfinished": unfinished, "connected": self._io.welcomed}
 
 
+def _default_name() -> str:
+    """``script.py@host:pid``: what an operator can tell a client by."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not script or script in ("-c", "-m", "__main__.py"):
+        script = "python"
+    return f"{script}@{socket.gethostname()}:{os.getpid()}"[:200]
+
+
 def _connect(ctx: zmq.Context, address: str, heartbeat: float,
              curve: Any) -> tuple[zmq.Socket, zmq.Socket]:
     """The DEALER to the scheduler, and a monitor of its handshakes: a refused key, or
@@ -245,8 +260,9 @@ class _RemoteIO(IOThread):
     thread_name = "farpool-remote-io"
 
     def __init__(self, address: str, *, curve: Any, retries: int, heartbeat: float,
-                 reconnect_timeout: float) -> None:
+                 reconnect_timeout: float, name: str) -> None:
         super().__init__()
+        self.name = name
         self.inbox: deque[_Pending]
         self.address = address
         self.retries = retries
@@ -383,7 +399,8 @@ class _RemoteIO(IOThread):
     def hello(self) -> None:
         self.hello_seq += 1
         info = {"role": PeerRole.CLIENT, "retries": self.retries, "hello": self.hello_seq,
-                "pid": os.getpid(), "heartbeat": self.heartbeat, **protocol.version_info()}
+                "pid": os.getpid(), "heartbeat": self.heartbeat, "name": self.name,
+                **protocol.version_info()}
         if self.session is not None:  # a scheduler that restarted keeps what it can
             info["session"] = self.session
         self.send_control(protocol.encode(Kind.HELLO, [info]))
