@@ -240,6 +240,10 @@ def test_workers_are_fresh_interpreters(pool):
     with open(f"/proc/{worker}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
     assert b"farpool.worker_loop" in argv, argv
+    # For people: a short command line, and "farpool-worker" where ps -e and top look.
+    assert len(b" ".join(argv)) < len(sys.executable) + 80, argv
+    with open(f"/proc/{worker}/comm") as f:
+        assert f.read().strip() == "farpool-worker"
 
 
 def test_remote_traceback_of_a_lambda_names_its_file_and_line(pool):

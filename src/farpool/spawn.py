@@ -1,6 +1,6 @@
 """Starting local worker processes and telling how they ended.
 
-Each worker is a fresh interpreter (``python -c BOOT farpool.worker_loop``, see
+Each worker is a fresh interpreter (``python -c READ_BOOT farpool.worker_loop``, see
 ``worker_loop.boot``), started by fork+exec with nothing of ours inherited but one end
 of a socket pair:
 
@@ -32,6 +32,7 @@ from .worker_loop import STATE
 # loads the real __init__ only if a task asks for something in it. The trailing
 # argument names the process in ps.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_READ_BOOT = "import sys; exec(sys.stdin.buffer.readline())"
 _BOOT = ("import sys, types; p = types.ModuleType('farpool'); p.__path__ = [{!r}]; "
          "sys.modules['farpool'] = p; import farpool.worker_loop as w; sys.exit(w.boot())")
 
@@ -201,7 +202,8 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
     }
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOT.format(_PACKAGE_DIR), "farpool.worker_loop"],
+            # The boot line comes first on stdin: `ps` shows a short command, not it.
+            [sys.executable, "-c", _READ_BOOT, "farpool.worker_loop"],
             stdin=subprocess.PIPE,
             pass_fds=(theirs.fileno(), *inherit_fds),
             close_fds=True,
@@ -210,6 +212,7 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         theirs.close()
     assert proc.stdin is not None
     try:
+        proc.stdin.write(_BOOT.format(_PACKAGE_DIR).encode() + b"\n")
         proc.stdin.write(pickle.dumps(config, protocol=5))
         proc.stdin.close()
     except BrokenPipeError:

@@ -460,6 +460,11 @@ def _load_package(name: str) -> Any:
 
 def _process_main() -> int:
     config = pickle.loads(sys.stdin.buffer.read())
+    try:  # what `ps -e`, `top` and `pgrep` show (the command line stays python's)
+        with open("/proc/self/comm", "w") as comm:
+            comm.write("farpool-worker")
+    except OSError:
+        pass
     if config.get("stop_signals") == "supervisor":
         _leave_stop_signals_to_the_supervisor()
     package = sys.modules["farpool"]
