@@ -69,6 +69,24 @@ def test_keygen_writes_a_private_key_file(tmp_path):
     assert 'role = "client"' in (tmp_path / "keys" / "authorized" / "node1.key").read_text()
 
 
+def test_keygen_revoke_removes_the_key_and_its_issued_file(tmp_path):
+    env = {**os.environ, "FARPOOL_KEY_DIR": str(tmp_path / "keys")}
+    assert run_farpool("keygen", "--name", "laptop", env=env).returncode == 0
+    assert run_farpool("keygen", "--name", "laptop", env=env).returncode == 0  # laptop-2
+    done = run_farpool("keygen", "--revoke", "laptop", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "revoked laptop" in done.stdout and "within 5 s" in done.stdout
+    keys = tmp_path / "keys"
+    assert not (keys / "authorized" / "laptop.key").exists()
+    assert not (keys / "issued" / "laptop.cluster-key").exists()
+    assert (keys / "authorized" / "laptop-2.key").exists()  # only the one named
+    again = run_farpool("keygen", "--revoke", "laptop", env=env)
+    assert again.returncode == 2 and "no key named 'laptop'" in again.stderr
+    assert "laptop-2" in again.stderr  # what there is
+    local = run_farpool("keygen", "--revoke", "local", env=env)
+    assert local.returncode == 2 and "this host's own key" in local.stderr
+
+
 def test_keygen_role_and_bad_names_are_clear(tmp_path):
     env = {**os.environ, "FARPOOL_KEY_DIR": str(tmp_path / "keys")}
     done = run_farpool("keygen", "--role", "worker", "--name", "node2", env=env)

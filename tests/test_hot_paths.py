@@ -4,11 +4,13 @@ results only where no result waits behind a long task."""
 
 from __future__ import annotations
 
+import collections
 import math
 import pickle
 import threading
 import time
 
+import pytest
 import zmq
 
 import farpool
@@ -282,3 +284,46 @@ def test_a_process_task_after_a_cancelled_one_still_runs(tmp_path):
         assert cancelled.cancel()
         flag.touch()
         assert blocker.result(timeout=30) == after.result(timeout=30)
+
+
+def nap_pid(seconds, started=None):
+    """Sleep; which worker ran it (process and thread)."""
+    import os
+
+    me = f"{os.getpid()}-{threading.get_ident()}"
+    if started is not None:
+        open(f"{started}.{me}", "w").close()
+    time.sleep(seconds)
+    return me
+
+
+@pytest.mark.parametrize("make", [lambda: farpool.ProcessPoolExecutor(max_workers=2),
+                                  lambda: farpool.ThreadPoolExecutor(max_workers=2)],
+                         ids=["processes", "threads"])
+def test_slow_calls_of_a_function_timed_short_share_the_workers(make):
+    # After quick calls, calls of 0.5, 0.02, 0.5, 0.5 s: two each per worker (2 x 0.5 s,
+    # as the stdlib's), not three behind the first (they used to be prefetched there).
+    with make() as ex:
+        list(ex.map(nap_pid, [0.0] * 100, timeout=30))
+        ran = list(ex.map(nap_pid, [0.5, 0.02, 0.5, 0.5], timeout=30))
+    assert sorted(collections.Counter(ran).values()) == [2, 2], ran
+
+
+@pytest.mark.parametrize("make", [lambda: farpool.ProcessPoolExecutor(max_workers=2),
+                                  lambda: farpool.ThreadPoolExecutor(max_workers=2)],
+                         ids=["processes", "threads"])
+def test_tasks_queued_behind_busy_workers_stay_cancellable(make, tmp_path):
+    # Both workers in a slow call of a function timed short: what comes next waits in
+    # the queue, where cancel() works (10 of 10, as the stdlib's thread pool), instead
+    # of being handed ahead, where it counted as running (0 of 10).
+    started = tmp_path / "started"
+    with make() as ex:
+        list(ex.map(nap_pid, [0.0] * 100, timeout=30))
+        busy = [ex.submit(nap_pid, 1.0, str(started)) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("started.*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # both have run longer than a short call takes
+        queued = [ex.submit(nap_pid, 0.0) for _ in range(10)]
+        assert sum(f.cancel() for f in queued) == 10
+        assert len({f.result(timeout=30) for f in busy}) == 2

@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(operator)")
     p.add_argument("--key-dir", default=None, help="key directory (default: $FARPOOL_KEY_DIR or "
                    "~/.config/farpool/keys)")
+    p.add_argument("--revoke", metavar="NAME", default=None,
+                   help="revoke the key NAME instead: a running scheduler refuses it and cuts "
+                        "its connections within 5 s")
     p.set_defaults(func=_run_keygen)
     return parser
 
@@ -264,9 +267,14 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _run_keygen(args: argparse.Namespace) -> int:
     from .errors import SecurityError
-    from .security import keygen
+    from .security import keygen, revoke
 
     try:
+        if args.revoke is not None:
+            removed = revoke(args.key_dir, args.revoke)
+            print(f"revoked {args.revoke} (removed {', '.join(str(p) for p in removed)}); a "
+                  "running scheduler cuts its connections within 5 s")
+            return 0
         path = keygen(args.key_dir, name=args.name, role=args.role)
     except (ValueError, SecurityError) as exc:
         print(f"farpool keygen: {exc}", file=sys.stderr)

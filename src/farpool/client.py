@@ -99,6 +99,9 @@ class Executor(concurrent.futures.Executor):
     def __init__(self, address: str | None = None, *, max_workers: int | None = None,
                  initializer: Callable[..., Any] | None = None, initargs: Iterable[Any] = (),
                  **options: Any) -> None:
+        from .main_script import check_not_bootstrapping
+
+        check_not_bootstrapping()
         if address is None:
             address = os.environ.get("FARPOOL_ADDRESS") or DEFAULT_ADDRESS
         self.address = address

@@ -7,8 +7,10 @@ function; prefetch only ever takes tasks of functions measured to be short (abou
 ``PREFETCH_WINDOW`` seconds of work in all), so short tasks stream without a round
 trip each, while a task of a slow or never-timed function is only handed to a
 worker with a free slot: it never waits behind another task while a worker idles.
-Nor is anything prefetched to a worker running a long or never-timed task: short
-tasks would wait behind it while another worker idles.
+Nor is anything prefetched to a worker running a long or never-timed task, or a task
+of a short function that has run past ``NO_PREFETCH_ABOVE`` (this call is not short):
+short tasks would wait behind it while another worker idles. Every free slot is served
+before any worker gets tasks ahead, and tasks ahead are shared evenly.
 
 Fairness: each client has its own queue, and dispatch takes from them in turn, so a
 client's 100,000-task map does not starve another client's single task.
@@ -17,6 +19,7 @@ client's 100,000-task map does not starve another client's single task.
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -66,6 +69,7 @@ class WorkerSlot:
     held: dict[int, Task] = field(default_factory=dict)
     retiring: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    busy_since: float = 0.0  # when the task it runs now began (about: when it was handed)
 
     def credit(self, prefetch: int) -> int:
         if self.retiring:
@@ -79,7 +83,8 @@ class WorkerSlot:
 class Dispatcher:
     """Queues per client, workers with credit, and the tasks each worker holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.queues: OrderedDict[bytes, deque[Task]] = OrderedDict()
         self.workers: OrderedDict[bytes, WorkerSlot] = OrderedDict()
         # Moving average of run time per function (fn_key). Forgotten all at once when
@@ -113,6 +118,8 @@ class Dispatcher:
         for worker in self.workers.values():
             if (len(worker.held) < worker.slots and not worker.retiring
                     and (worker.tasks_left is None or worker.tasks_left > 0)):
+                if not worker.held:
+                    worker.busy_since = self.clock()
                 worker.held[task.task_id] = task
                 if worker.tasks_left is not None:
                     worker.tasks_left -= 1
@@ -141,14 +148,17 @@ class Dispatcher:
         self.queued -= len(queue)
         return list(queue)
 
-    def finished(self, worker_id: bytes, task_id: int, seconds: float) -> Task | None:
-        """A worker answered a task. Returns it, or None if the worker did not hold it."""
+    def finished(self, worker_id: bytes, task_id: int, seconds: float,
+                 at: float | None = None) -> Task | None:
+        """A worker answered a task (``at``: when, if not just now). Returns it, or None
+        if the worker did not hold it."""
         worker = self.workers.get(worker_id)
         if worker is None:
             return None
         task = worker.held.pop(task_id, None)
         if task is None:
             return None
+        worker.busy_since = self.clock() if at is None else at  # when the next one began
         self.done += 1
         if not 0 <= seconds < math.inf:  # not run (cancelled while held): nothing to learn
             return task
@@ -180,10 +190,13 @@ class Dispatcher:
         ema = self.fn_seconds.get(fn_key)
         return ema is not None and ema <= NO_PREFETCH_ABOVE
 
-    def busy_with_short(self, worker: WorkerSlot) -> bool:
+    def busy_with_short(self, worker: WorkerSlot, now: float) -> bool:
         """Whether what ``worker`` runs now is known to be short (or it runs nothing):
         only then may tasks wait on it, prefetched. A worker in a long or never-timed
-        task gets none: short tasks queued behind it would wait while another idles."""
+        task gets none, nor one whose task has run longer than a short one takes:
+        short tasks queued behind it would wait while another idles."""
+        if worker.held and now - worker.busy_since > NO_PREFETCH_ABOVE:
+            return False
         short = self.short
         for running, task in enumerate(worker.held.values()):
             if running >= worker.slots:
@@ -203,25 +216,50 @@ class Dispatcher:
         return 0
 
     def assign(self) -> Iterator[tuple[WorkerSlot, list[Task]]]:
-        """Hand queued tasks to workers with credit; yields one batch per worker."""
+        """Hand queued tasks to workers with credit; yields one batch per worker.
+
+        First every free slot of every worker; then tasks of short functions ahead,
+        shared evenly among the workers that may hold them (a short function's call
+        may yet prove slow: what waits behind it is then as little as can be)."""
         if not self.queued or not self.workers:
             return
         prefetch = self.prefetch()
-        for worker in list(self.workers.values()):
-            room = worker.credit(prefetch if prefetch and self.busy_with_short(worker) else 0)
-            if not room:
-                continue
-            free = min(room, max(0, worker.slots - len(worker.held)))
-            batch = self._take(free, room)
-            if not batch:
-                continue
-            for task in batch:
-                worker.held[task.task_id] = task
-            if worker.tasks_left is not None:
-                worker.tasks_left -= len(batch)
-            yield worker, batch
-            if not self.queued:
-                return
+        now = self.clock()
+        plan: dict[bytes, tuple[WorkerSlot, list[Task]]] = {}
+        workers = list(self.workers.values())
+        for worker in workers:
+            free = min(worker.credit(0), max(0, worker.slots - len(worker.held)))
+            if free and self.queued:
+                self._give(worker, self._take(free, free), now, plan)
+        if prefetch and self.queued:
+            ahead = [w for w in workers if w.credit(prefetch) and self.busy_with_short(w, now)]
+            ahead.sort(key=lambda w: len(w.held))  # tasks submitted one by one spread too
+            while self.queued and ahead:
+                share = -(-self.queued // len(ahead))
+                for worker in list(ahead):
+                    batch = self._take(0, min(share, worker.credit(prefetch)))
+                    if batch:
+                        self._give(worker, batch, now, plan)
+                    if not batch or not worker.credit(prefetch):
+                        ahead.remove(worker)
+        yield from plan.values()
+
+    def _give(self, worker: WorkerSlot, batch: list[Task], now: float,
+              plan: dict[bytes, tuple[WorkerSlot, list[Task]]]) -> None:
+        if not batch:
+            return
+        if not worker.held:
+            worker.busy_since = now
+        held = worker.held
+        for task in batch:
+            held[task.task_id] = task
+        if worker.tasks_left is not None:
+            worker.tasks_left -= len(batch)
+        entry = plan.get(worker.worker_id)
+        if entry is None:
+            plan[worker.worker_id] = (worker, batch)
+        else:
+            entry[1].extend(batch)
 
     def _take(self, free: int, room: int) -> list[Task]:
         """Up to ``room`` tasks, one client at a time in turn; beyond the first ``free``

@@ -18,13 +18,16 @@ farpool does the same: what the script defines pickles as ``__main__.NAME``
   script class unpickles as the client's class.
 
 Where there is no script file (``python -c``, the REPL, a notebook, a package's
-``__main__``), ``client_script`` returns None and by-value pickling stays.
+``__main__``), or the script has no ``if __name__ == "__main__":`` (its top level is
+the program, which a worker must not run), ``client_script`` returns None and by-value
+pickling stays.
 
 This module runs inside workers: it imports nothing heavy.
 """
 
 from __future__ import annotations
 
+import ast
 import sys
 import threading
 import types
@@ -82,13 +85,30 @@ def _read_main() -> MainScript | None:
         with open(path, "rb") as f:
             data = f.read()
         source = data.decode("utf-8")
-        compile(source, path, "exec")
+        tree = ast.parse(source, path)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return None  # not a Python source file we can run elsewhere
+    if not _guards_its_entry_point(tree):
+        # Its top level is the program: run on a worker it would start executors of its
+        # own. Where the stdlib forks (Linux before 3.14) such scripts work: by value.
+        return None
     import hashlib
 
     token = hashlib.blake2b(path.encode() + b"\0" + data, digest_size=8).hexdigest()
     return MainScript(path, source, package, tuple(sys.argv), token)
+
+
+def _guards_its_entry_point(tree: ast.Module) -> bool:
+    """Whether the script has a top-level ``if __name__ == "__main__":``."""
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            test = node.test
+            sides = [test.left, *test.comparators]
+            if (len(sides) == 2 and isinstance(test.ops[0], ast.Eq)
+                    and any(isinstance(n, ast.Name) and n.id == "__name__" for n in sides)
+                    and any(isinstance(n, ast.Constant) and n.value == "__main__" for n in sides)):
+                return True
+    return False
 
 
 def main_reference(obj: Any) -> bool:
@@ -150,12 +170,30 @@ def _missing(module: types.ModuleType, attr: str) -> Any:
     raise AttributeError(f"module {module.__name__!r} has no attribute {attr!r}")
 
 
+_running = threading.local()
+
+
+def check_not_bootstrapping() -> None:
+    """Raise if the main script is being run on a worker (see ``lazy_module``) and its
+    top level starts an executor: a script without ``if __name__ == "__main__":``. Each
+    worker would start workers of its own, without end; spawn's stdlib pools raise the
+    same way."""
+    if getattr(_running, "script", None) is not None:
+        raise RuntimeError(
+            f"the main script {_running.script} started an executor while a farpool worker "
+            "ran it to load a function or class it defines. Put the code that starts "
+            "executors under `if __name__ == \"__main__\":` (the stdlib's spawn pools need "
+            "the same)")
+
+
 def _run(script: MainScript, module: types.ModuleType, failure: list[BaseException]) -> None:
     argv = sys.argv[:]
     sys.argv[:] = script.argv
+    _running.script = script.path
     try:
         exec(compile(script.source, script.path, "exec"), vars(module))
     except BaseException as exc:  # noqa: BLE001 - kept: every use reports it
         failure.append(exc)
     finally:
+        _running.script = None
         sys.argv[:] = argv

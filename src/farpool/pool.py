@@ -167,7 +167,7 @@ class PoolIO(IOThread):
         self.worker_ids = itertools.count()
         # Finished tasks reported beside the ROUTER, (worker id, result entries): thread
         # workers append here instead of sending a message (see ThreadPoolIO.thread_done).
-        self.freed: deque[tuple[bytes, list[list[Any]]]] = deque()
+        self.freed: deque[tuple[bytes, list[list[Any]], float]] = deque()
         self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
         self.handlers: dict[Kind, Callable[[bytes, protocol.Message], None]] = {
             Kind.HELLO: self.on_hello,
@@ -392,9 +392,9 @@ class PoolIO(IOThread):
         freed = self.freed
         finished = self.dispatcher.finished
         while freed:
-            worker_id, entries = freed.popleft()
+            worker_id, entries, at = freed.popleft()
             for entry in entries:
-                finished(worker_id, entry[0], entry[3])
+                finished(worker_id, entry[0], entry[3], at)
 
     def on_hello(self, worker_id: bytes, msg: protocol.Message) -> None:
         hello: protocol.Hello = msg.body[0]

@@ -213,7 +213,8 @@ class ThreadPoolIO(PoolIO):
         before it reads ``queued``: either the pool drains ``freed`` after queuing,
         or the worker sees the queue.)
         """
-        self.freed.append((worker_id, entries))
+        # When: the pool reads this later, and the next task began now, not then.
+        self.freed.append((worker_id, entries, time.monotonic()))
         self.idle.append(None)
         if not (self.dispatcher.queued or self.closing or self.inbox):
             return

@@ -48,6 +48,7 @@ from farpool.security.keys import (
     load_key_file,
     load_key_roles,
     parse_key_file,
+    revoke,
     write_key_file,
 )
 
@@ -74,6 +75,7 @@ __all__ = [
     "KeyRole",
     "ROLES",
     "parse_key_file",
+    "revoke",
     "require_curve",
     "requires_keys",
     "warn_insecure",

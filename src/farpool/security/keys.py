@@ -253,6 +253,31 @@ def keygen(key_dir: str | os.PathLike[str] | None = None, *, name: str = "client
     return write_key_file(issued / f"{taken}.cluster-key", keys.server.public, pair, overwrite=True)
 
 
+def revoke(key_dir: str | os.PathLike[str] | None, name: str) -> list[Path]:
+    """Revoke the key ``name``: delete ``authorized/NAME.key`` and its issued key file.
+    A running scheduler refuses it at its next reload (every few seconds) and cuts the
+    connections made with it. Returns the files removed."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"key name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    if name == "local":
+        raise ValueError("'local' is this host's own key (the scheduler's operator key): "
+                         "revoking it would lock this host out; delete the key directory to "
+                         "start over instead")
+    keys_dir = Path(key_dir) if key_dir is not None else default_key_dir()
+    authorized = keys_dir / "authorized" / f"{name}.key"
+    if not authorized.exists():
+        names = sorted(p.stem for p in (keys_dir / "authorized").glob("*.key"))
+        raise ValueError(f"no key named {name!r} in {keys_dir / 'authorized'} (there are: "
+                         f"{', '.join(names) or 'none'})")
+    removed = [authorized]
+    authorized.unlink()
+    issued = keys_dir / "issued" / f"{name}.cluster-key"
+    if issued.exists():
+        issued.unlink()
+        removed.append(issued)
+    return removed
+
+
 # -- cluster key files ---------------------------------------------------------------------
 
 
