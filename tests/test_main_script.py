@@ -199,3 +199,37 @@ def test_python_c_keeps_by_value_pickling():
     ''')
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
     assert done.stdout == "49\n", done.stderr
+
+
+def test_a_script_without_a_main_guard_runs_as_under_fork(tmp_path):
+    # Its top level is the program (it works with the stdlib where it forks): running it
+    # on a worker would start executors there. Its functions travel by value instead.
+    unguarded = textwrap.dedent('''
+        import farpool
+        def square(x):
+            return x * x
+        with farpool.ProcessPoolExecutor(2) as ex:
+            print(sorted(ex.map(square, range(4))))
+    ''')
+    done = run_script(tmp_path, unguarded)
+    assert done.stdout == "[0, 1, 4, 9]\n", done.stderr
+
+
+def test_a_guarded_script_that_starts_an_executor_at_its_top_level_fails_clearly(tmp_path):
+    # An executor outside the guard: each worker running the script would start one of
+    # its own, without end. The task fails with an error that says what to change.
+    script = textwrap.dedent('''
+        import farpool
+        def square(x):
+            return x * x
+        ex = farpool.ProcessPoolExecutor(1)
+        if __name__ == "__main__":
+            try:
+                print(ex.submit(square, 3).result(timeout=60))
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+            ex.shutdown()
+    ''')
+    done = run_script(tmp_path, script)
+    assert done.stdout.startswith("UnpicklingFailed"), done.stdout + done.stderr
+    assert 'under `if __name__ == "__main__":`' in done.stdout
