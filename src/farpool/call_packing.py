@@ -111,4 +111,34 @@ def run_packed(key: bytes, blob: bytes, arguments: bytes) -> Any:
         fn.namespace.install()
         fn = fn.fn
     args, kwargs = pickle.loads(arguments)
-    return fn(*args, **kwargs)
+    result = fn(*args, **kwargs)
+    from . import serialize
+
+    return PackedResult(serialize.dumps(result))
+
+
+class PackedResult:
+    """A task's result as farpool's pickle frames, so that the engine moves bytes and
+    the client unpickles it itself: a result that does not rebuild there is then an
+    ``UnpicklingFailed`` like on every other backend, not the engine's own error."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Any]) -> None:
+        self.frames = frames
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return PackedResult, (self.frames,)
+
+
+def unpack_result(value: Any, engine: str) -> tuple[Any, BaseException | None]:
+    """On the client: ``(result, None)``, or ``(None, UnpicklingFailed)``."""
+    if type(value) is not PackedResult:
+        return value, None
+    from . import serialize
+    from .errors import unpickling_failed
+
+    try:
+        return serialize.loads(value.frames), None
+    except BaseException as error:  # noqa: BLE001 - an unreadable result
+        return None, unpickling_failed(f"the result of a task on {engine}", error)

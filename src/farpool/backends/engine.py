@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from ..call_packing import CallPacker
+from ..call_packing import CallPacker, unpack_result
 from ..errors import InitializerFailed, ProcessPoolBroken, RemoteTraceback
 from ..futures import new_future
 from .options import check_initializer
@@ -214,8 +214,12 @@ class EngineBackend:
                 if self._pending.pop(future, _MISSING) is _MISSING:
                     return True  # cancelled by the user, or failed when the executor broke
                 last = self._closing and not self._pending
+                value, error = unpack_result(value, self.engine_name)
                 if future.set_running_or_notify_cancel():
-                    future.set_result(value)
+                    if error is None:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(error)
         finally:
             self._lock.release()
         if last:
@@ -264,6 +268,8 @@ class EngineBackend:
             future.cancel()
             future.set_running_or_notify_cancel()
         elif future.set_running_or_notify_cancel():
+            if error is None:
+                value, error = unpack_result(value, self.engine_name)
             if error is None:
                 future.set_result(value)
             else:
