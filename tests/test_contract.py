@@ -306,6 +306,35 @@ def test_a_result_that_cannot_be_unpickled_is_unpickling_failed(executor, addres
     assert executor.submit(square, 3).result(timeout=30) == 9
 
 
+class AuditFailed(Exception):
+    """Pickles fine; does not rebuild outside the process that raised it."""
+
+    def __reduce__(self):
+        return (_refuse_to_rebuild, ())
+
+
+def raise_rebuilds_badly(in_pid):
+    if os.getpid() != in_pid:
+        raise AuditFailed("ledger 7 does not balance")
+
+
+def test_an_exception_that_cannot_be_unpickled_still_says_what_it_was(executor, address):
+    # What the user sees: UnpicklingFailed naming the task's exception type and message,
+    # with the remote traceback kept as text (the engines used to give their own error).
+    if address in ("threads", "inline"):
+        pytest.skip("threads and inline raise in the caller's process: nothing is unpickled")
+    fut = executor.submit(raise_rebuilds_badly, os.getpid())
+    with pytest.raises(farpool.UnpicklingFailed,
+                       match="exception of .*task .*AuditFailed: ledger 7 does not balance"):
+        fut.result(timeout=30)
+    chain, exc = [], fut.exception()
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__
+    assert any("raise_rebuilds_badly" in text and "Traceback" in text for text in chain), chain
+    assert executor.submit(square, 3).result(timeout=30) == 9
+
+
 def test_unpicklable_argument_fails_that_future_only(executor, address):
     if address == "threads":
         pytest.skip("threads pass arguments by reference: nothing is pickled")

@@ -111,10 +111,38 @@ def run_packed(key: bytes, blob: bytes, arguments: bytes) -> Any:
         fn.namespace.install()
         fn = fn.fn
     args, kwargs = pickle.loads(arguments)
-    result = fn(*args, **kwargs)
     from . import serialize
 
-    return PackedResult(serialize.dumps(result))
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - goes to the client as farpool's frames
+        frames = serialize.dump_exception(exc)
+    else:
+        return PackedResult(serialize.dumps(result))
+    # Raised outside the except block: no __context__, which the engines pickle too
+    # (tblib) and which may not rebuild in the client.
+    raise PackedError(frames)
+
+
+class PackedError(Exception):
+    """A task's exception as farpool's frames (see ``PackedResult``): the engine moves
+    bytes, and the client rebuilds the exception, or says what it was if it cannot."""
+
+    def __init__(self, frames: list[Any]) -> None:
+        super().__init__("a farpool task's exception, rebuilt by the client")
+        self.frames = frames
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return PackedError, (self.frames,)
+
+    def unpack(self, engine: str) -> BaseException:
+        from . import serialize
+        from .errors import unpickling_failed
+
+        try:
+            return serialize.load_exception(self.frames)
+        except BaseException as error:  # noqa: BLE001 - an unreadable exception
+            return unpickling_failed(f"the exception of a task on {engine}", error)
 
 
 class PackedResult:

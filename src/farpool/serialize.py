@@ -374,25 +374,44 @@ class _Unloadable:
 def dump_exception(exc: BaseException) -> list[Any]:
     """Frames for a task's exception and its formatted traceback.
 
+    The type's name, the message and the traceback travel as text beside the pickled
+    exception, so a receiver that cannot rebuild the exception still says what it was.
     If the exception itself cannot be pickled, the pickling error is sent instead,
     with the original traceback in its message, so the future still fails clearly.
     """
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__traceback__ = None
+    name, message = type(exc).__qualname__, _message(exc)
     try:
-        return dumps((exc, tb))
+        blob = _cloudpickle(exc, main=False)
     except BaseException as pickling_error:  # noqa: BLE001
         note = f"{type(pickling_error).__name__}: {pickling_error}"
         err = pickle.PicklingError(
             f"the task raised {type(exc).__name__}, which could not be pickled ({note})"
         )
-        return dumps((err, tb))
+        blob = _cloudpickle(err, main=False)
+    return dumps((name, message, tb, blob))
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)[:2000]
+    except Exception:  # noqa: BLE001 - a __str__ that raises
+        return "(its message could not be read)"
 
 
 def load_exception(frames: list[Any]) -> BaseException:
-    """The exception a worker sent, with its remote traceback as ``__cause__``."""
-    exc, tb = loads(frames)
+    """The exception a worker sent, with its remote traceback as ``__cause__``. One that
+    does not unpickle here raises ``UnpicklingError`` naming its type and message, its
+    ``__cause__`` the remote traceback."""
+    name, message, tb, blob = loads(frames)
     from .errors import RemoteTraceback  # here: worker processes start without it
 
-    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    remote = RemoteTraceback(f'\n"""\n{tb}"""')
+    try:
+        exc = pickle.loads(blob)
+    except BaseException as error:  # noqa: BLE001
+        raise pickle.UnpicklingError(
+            f"the task raised {name}: {message} ({type(error).__name__}: {error})") from remote
+    exc.__cause__ = remote
     return exc

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
-from ..call_packing import run_packed
+from ..call_packing import PackedError, run_packed
 from ..errors import BackendUnavailable, WorkerLost
 from .engine import (
     EngineBackend,
@@ -397,6 +397,9 @@ class DaskBackend(EngineBackend):
             self._settle(future, error=unwrap_pickling_error(error))
             return
         exc, tb = dfut.exception(), dfut.traceback()
+        if isinstance(exc, PackedError):
+            self._settle(future, error=exc.unpack(self.engine_name))
+            return
         if isinstance(exc, self._killed_worker):
             lost = WorkerLost(str(exc))
             lost.__cause__ = exc

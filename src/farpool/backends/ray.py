@@ -40,7 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from ..call_packing import run_packed
+from ..call_packing import PackedError, run_packed
 from ..errors import BackendUnavailable, WorkerLost
 from .engine import (
     EngineBackend,
@@ -323,6 +323,8 @@ class RayBackend(EngineBackend):
             cause = getattr(exc, "cause", None)
             if isinstance(cause, errors.TaskCancelledError):
                 return None
+            if isinstance(cause, PackedError):
+                return cause.unpack(self.engine_name)
             if cause is None or isinstance(cause, errors.RayError):
                 return exc  # e.g. the task's exception could not be pickled
             cause.__cause__ = remote_traceback(_ANSI.sub("", str(exc)))
