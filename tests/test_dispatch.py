@@ -688,13 +688,20 @@ class Clock:
         return self.now
 
 
-def test_nothing_waits_behind_a_short_functions_call_that_runs_long():
-    # After quick calls, a call of the same function that takes 1 s: what comes next
-    # goes to the idle worker, not ahead onto the one still busy (was: 3.0 s for calls
-    # of 1.0, 0.05, 1.0, 1.0 s on two workers instead of 2.0).
+@pytest.fixture
+def timed_short():
+    """(dispatcher on a fake clock, the clock), with SHORT timed at a quarter window."""
     clock = Clock()
     d = Dispatcher(clock=clock)
     timed(d, SHORT, PREFETCH_WINDOW / 4)
+    return d, clock
+
+
+def test_nothing_waits_behind_a_short_functions_call_that_runs_long(timed_short):
+    # After quick calls, a call of the same function that takes 1 s: what comes next
+    # goes to the idle worker, not ahead onto the one still busy (was: 3.0 s for calls
+    # of 1.0, 0.05, 1.0, 1.0 s on two workers instead of 2.0).
+    d, clock = timed_short
     d.add_worker("a")
     d.submit(task(1, fn_key=SHORT))
     assert batches(d) == {"a": [1]}
@@ -709,10 +716,8 @@ def test_nothing_waits_behind_a_short_functions_call_that_runs_long():
     assert batches(d) == {"a": [7]}
 
 
-def test_a_worker_in_a_short_call_that_just_began_still_gets_tasks_ahead():
-    clock = Clock()
-    d = Dispatcher(clock=clock)
-    timed(d, SHORT, PREFETCH_WINDOW / 4)
+def test_a_worker_in_a_short_call_that_just_began_still_gets_tasks_ahead(timed_short):
+    d, clock = timed_short
     d.add_worker("a")
     for i in range(6):
         d.submit(task(i, fn_key=SHORT))
@@ -722,10 +727,8 @@ def test_a_worker_in_a_short_call_that_just_began_still_gets_tasks_ahead():
     assert batches(d) == {"a": [5]}
 
 
-def test_idle_workers_are_served_before_any_task_is_handed_ahead():
-    clock = Clock()
-    d = Dispatcher(clock=clock)
-    timed(d, SHORT, PREFETCH_WINDOW / 4)
+def test_idle_workers_are_served_before_any_task_is_handed_ahead(timed_short):
+    d, clock = timed_short
     d.add_worker("busy")
     d.submit(task(0, fn_key=SHORT))
     assert batches(d) == {"busy": [0]}
@@ -734,9 +737,8 @@ def test_idle_workers_are_served_before_any_task_is_handed_ahead():
     assert batches(d) == {"idle": [1]}  # was: prefetched onto "busy", first in order
 
 
-def test_tasks_handed_ahead_one_at_a_time_go_to_the_worker_holding_fewest():
-    d = Dispatcher(clock=Clock())
-    timed(d, SHORT, PREFETCH_WINDOW / 4)
+def test_tasks_handed_ahead_one_at_a_time_go_to_the_worker_holding_fewest(timed_short):
+    d, _ = timed_short
     d.add_worker("a")
     d.add_worker("b")
     for i in range(4):  # as submit() sends them: one dispatch each

@@ -485,6 +485,16 @@ def test_worker_daemon_frozen_then_back(cluster, tmp_path):
 # -- 4. the scheduler dies ---------------------------------------------------------------------
 
 
+def restartable(cluster, nprocs):
+    """A scheduler on a fixed port (to start again there) and a worker host of
+    ``nprocs`` processes: the address to bind, and the scheduler's daemon."""
+    bind = f"tcp://127.0.0.1:{free_port()}"
+    first = cluster.scheduler(bind=bind)
+    cluster.worker(nprocs=nprocs)
+    wait_for_workers(cluster.address, nprocs)
+    return bind, first
+
+
 def test_scheduler_killed_and_restarted_on_the_same_port(cluster):
     """The scheduler is SIGKILLed and started again on the same address: the client's
     pending futures are resubmitted and complete, and the worker daemon rejoins."""
@@ -513,10 +523,7 @@ def test_a_scheduler_restart_keeps_the_work_that_was_done(cluster, tmp_path):
     finish during the 2 s outage. After the restart, every future gets its answer and
     no task ran twice (a marker file counts the runs): finished results are kept, the
     worker processes are not restarted, and what was still queued runs once."""
-    bind = f"tcp://127.0.0.1:{free_port()}"
-    first = cluster.scheduler(bind=bind)
-    cluster.worker(nprocs=2)
-    wait_for_workers(cluster.address, 2)
+    bind, first = restartable(cluster, nprocs=2)
     pids = {w["pid"] for w in status(cluster.address)["workers"]}
     runs = tmp_path / "runs"
     ex = executor(cluster.address, reconnect_timeout=20)
@@ -542,10 +549,7 @@ def test_a_scheduler_restart_keeps_the_work_that_was_done(cluster, tmp_path):
 def test_a_task_still_running_at_a_scheduler_restart_runs_once(cluster, tmp_path):
     """A task that runs through the outage and beyond: its resubmission waits for the
     worker that runs it instead of running it again elsewhere, though a worker idles."""
-    bind = f"tcp://127.0.0.1:{free_port()}"
-    first = cluster.scheduler(bind=bind)
-    cluster.worker(nprocs=2)
-    wait_for_workers(cluster.address, 2)
+    bind, first = restartable(cluster, nprocs=2)
     runs = tmp_path / "runs"
     ex = executor(cluster.address, reconnect_timeout=20)
     try:
@@ -565,10 +569,7 @@ def test_a_scheduler_stopped_with_sigterm_drains_and_a_restart_runs_the_rest(clu
     """`systemctl restart` of the scheduler: SIGTERM lets the running task report (its
     future gets the value) and sends out nothing more; the scheduler exits 0 with a
     "drained" line. The task that was still queued runs, once, on the next scheduler."""
-    bind = f"tcp://127.0.0.1:{free_port()}"
-    first = cluster.scheduler(bind=bind)
-    cluster.worker(nprocs=1)
-    wait_for_workers(cluster.address, 1)
+    bind, first = restartable(cluster, nprocs=1)
     runs = tmp_path / "runs"
     ex = executor(cluster.address, reconnect_timeout=20)
     try:

@@ -14,8 +14,10 @@ come:
   its resubmission *waits* for that result instead of running elsewhere, and fails
   (or retries) only if that process dies.
 
-What still runs twice: a task whose result was in flight when the scheduler died, and
-tasks handed to a worker ahead (prefetched) that it had not begun; see the README.
+What can still run twice: a task whose result was in flight when the scheduler died,
+and one on a host that rejoins after the restart's grace; see the README. A host's
+report is trusted as its worker key is: a host that lies about what it runs can hold
+those tasks' resubmissions waiting (it could as well have answered them falsely).
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from .dispatch import Task
 # How long a result nobody claims is kept: well past a client's reconnect window.
 KEEP_SECONDS = 60.0
 MAX_KEPT = 100_000
-MAX_KEPT_BYTES = 256 * 1024 * 1024
+MAX_KEPT_BYTES = 64 * 1024 * 1024  # bounds what a peer's unclaimed results can cost
 
 
 def task_key(client_key: bytes | None, client: bytes, client_task: int) -> int:
     """A task's scheduler id, the same in every session: a 63-bit digest of who sent it
-    (its CURVE key, if any, and its connection identity) and the client's own id. The
-    key makes another tenant's ids unguessable and unforgeable."""
+    (its CURVE key, if any, and its random connection identity) and the client's own
+    id. Another peer cannot work out a client's next ids, so it cannot plant results
+    for them; a worker learns only the ids of the tasks it is given."""
     h = hashlib.blake2b(digest_size=8, key=(client_key or b"")[:64])
     h.update(len(client).to_bytes(2, "little"))
     h.update(client)

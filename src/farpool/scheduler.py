@@ -321,8 +321,11 @@ class Scheduler(PeerUpkeep):
             if isinstance(resolved, str):
                 rejected.append((entry.task_id, resolved))
                 continue
-            if entry.task_id in peer.tasks:
-                continue  # resubmitted after a HELLO again: it is in flight already
+            held = peer.tasks.get(entry.task_id)
+            if held is not None:
+                if held.fn_key != entry.fn_key:
+                    rejected.append((entry.task_id, "task id already in use"))
+                continue  # else resubmitted after a HELLO again: it is in flight already
             blob, args = resolved
             task = Task(task_key(peer.key, identity, entry.task_id), entry.fn_key, blob, args,
                         client=identity, context=(identity, peer.epoch, entry.task_id))
