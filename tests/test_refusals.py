@@ -159,3 +159,27 @@ def test_a_second_scheduler_on_a_live_ipc_path_refuses_to_start(daemons, tmp_pat
     again, _ = start_scheduler(tmp_path / "again", bind=address)
     daemons.append(again)
     assert query_status(address, timeout=5)["workers"] == []
+
+
+def test_handshake_verdicts_tell_a_refusal_from_a_cut_handshake():
+    """A refused key or CURVE on one side only is final at once; a failure without
+    detail (a wrong server key, or a handshake cut by a scheduler restarting) only
+    after three in a row: a welcomed worker does not exit on one cut handshake."""
+    import zmq
+
+    from farpool.security import HandshakeVerdicts
+
+    verdicts = HandshakeVerdicts()
+    assert verdicts.event(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400) is not None
+    mismatch = zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+    assert "disagree on security" in verdicts.event(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                                    mismatch)
+    verdicts = HandshakeVerdicts()
+    undetailed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    assert verdicts.event(undetailed) is None
+    assert verdicts.event(undetailed) is None
+    assert verdicts.event(zmq.EVENT_HANDSHAKE_SUCCEEDED) is None  # starts the count again
+    assert verdicts.event(undetailed) is None
+    assert verdicts.event(undetailed) is None
+    assert "server public key is probably wrong" in verdicts.event(undetailed)
+    assert verdicts.event(zmq.EVENT_CONNECTED) is None  # not a handshake: no verdict

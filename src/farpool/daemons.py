@@ -144,9 +144,10 @@ def query_status(address: str, *, curve: Any = None, timeout: float = 5.0) -> di
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.maxmsgsize = 16 * 1024 * 1024
-    from .security import configure_client, handshake_failures, watch_handshakes
+    from .security import HandshakeVerdicts, configure_client, handshake_failures, watch_handshakes
 
     monitor = watch_handshakes(sock)
+    verdicts = HandshakeVerdicts()
     try:
         if curve is not None:
             configure_client(sock, curve[1], curve[0])
@@ -162,7 +163,7 @@ def query_status(address: str, *, curve: Any = None, timeout: float = 5.0) -> di
                 raise TimeoutError(f"no answer from {address} within {timeout:g} s (is the "
                                    "scheduler running there, and the address right?)")
             poller.poll(int(left * 1000) + 1)
-            for why in handshake_failures(monitor):
+            for why in handshake_failures(monitor, verdicts):
                 raise SecurityError(f"{address}: {why}")
         msg = protocol.decode(sock.recv_multipart())
         if msg.kind is not Kind.STATUS_REPLY:

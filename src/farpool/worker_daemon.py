@@ -104,11 +104,12 @@ class Node:
         ms = int(heartbeat * 1000)
         up.heartbeat_ivl = ms
         up.heartbeat_timeout = ms * DEFAULT_LIVENESS
-        from .security import configure_client, watch_handshakes
+        from .security import HandshakeVerdicts, configure_client, watch_handshakes
 
         if curve is not None:
             configure_client(up, curve[1], curve[0])
         self.monitor = watch_handshakes(up)
+        self.handshakes = HandshakeVerdicts()
         up.connect(address)
         self.poller = zmq.Poller()
         self.poller.register(up, zmq.POLLIN)
@@ -203,7 +204,7 @@ class Node:
     def on_monitor(self) -> None:
         from .security import handshake_failures
 
-        for why in handshake_failures(self.monitor):
+        for why in handshake_failures(self.monitor, self.handshakes):
             raise RefusedError(why)
 
     def receive(self) -> None:

@@ -282,6 +282,9 @@ class _RemoteIO(IOThread):
 
         self.ctx = zmq.Context()
         self.sock, self.monitor = _connect(self.ctx, address, heartbeat, curve)
+        from ..security import HandshakeVerdicts
+
+        self.handshakes = HandshakeVerdicts()
 
     # -- caller side ---------------------------------------------------------------
     def start(self, connect_timeout: float) -> None:
@@ -408,7 +411,7 @@ class _RemoteIO(IOThread):
     def on_monitor(self) -> None:
         from ..security import handshake_failures
 
-        for why in handshake_failures(self.monitor):
+        for why in handshake_failures(self.monitor, self.handshakes):
             if not self.ever_welcomed:
                 self.connect_error = SecurityError(f"{self.address}: {why}")
                 self.connected.set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from farpool.security.auth import (
     ZAP_DOMAIN,
     Authenticator,
+    HandshakeVerdicts,
     ZapVerdict,
     configure_client,
     configure_server,
@@ -63,6 +64,7 @@ __all__ = [
     "configure_client",
     "configure_server",
     "default_key_dir",
+    "HandshakeVerdicts",
     "describe_handshake_failure",
     "handshake_failures",
     "ensure_keys",

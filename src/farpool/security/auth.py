@@ -48,6 +48,7 @@ __all__ = [
     "ZapVerdict",
     "configure_client",
     "configure_server",
+    "HandshakeVerdicts",
     "describe_handshake_failure",
     "handshake_failures",
     "insecure_warning",
@@ -153,19 +154,49 @@ def describe_handshake_failure(event: int, value: int = 0) -> str | None:
 
 
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+# Failures without detail in a row (no success between) before they are a verdict.
+UNDETAILED_FAILURES_FINAL = 3
+
+
+class HandshakeVerdicts:
+    """Which failed handshakes are a refusal to act on, and which may pass.
+
+    A refused key (AUTH) or CURVE on one side only (a mechanism mismatch) is final at
+    once. A failure without detail is what a wrong server key gives, but also what a
+    connection cut in the middle of a handshake gives (a scheduler restarting): it is
+    final only after ``UNDETAILED_FAILURES_FINAL`` of them in a row, with no successful
+    handshake between. No sockets: fed monitor events, it says what they mean.
+    """
+
+    def __init__(self) -> None:
+        self.undetailed = 0
+
+    def event(self, event: int, value: int = 0) -> str | None:
+        """The reason to give up on the scheduler, if this event makes one."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.undetailed = 0
+            return None
+        why = describe_handshake_failure(event, value)
+        if why is None or event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return why
+        if (event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH):
+            return why
+        self.undetailed += 1
+        return why if self.undetailed >= UNDETAILED_FAILURES_FINAL else None
 
 
 def watch_handshakes(sock: zmq.Socket) -> zmq.Socket:
-    """A monitor of ``sock``'s failed security handshakes, to read with
+    """A monitor of ``sock``'s security handshakes, to read with
     :func:`handshake_failures`. Call it before ``connect``: a refused peer is otherwise
     silence, and a send to it blocks (libzmq drops the pipe of a failed handshake)."""
     return sock.get_monitor_socket(HANDSHAKE_FAILURES)
 
 
-def handshake_failures(monitor: zmq.Socket) -> list[str]:
-    """What the events waiting on a socket monitor say of failed security handshakes
-    (see describe_handshake_failure), without waiting."""
+def handshake_failures(monitor: zmq.Socket, verdicts: HandshakeVerdicts) -> list[str]:
+    """The refusals the events waiting on a socket monitor make final (see
+    :class:`HandshakeVerdicts`), without waiting."""
     from zmq.utils.monitor import recv_monitor_message
 
     found: list[str] = []
@@ -174,7 +205,7 @@ def handshake_failures(monitor: zmq.Socket) -> list[str]:
             event = recv_monitor_message(monitor, zmq.NOBLOCK)
         except zmq.Again:
             return found
-        why = describe_handshake_failure(event["event"], event["value"])
+        why = verdicts.event(event["event"], event["value"])
         if why is not None:
             found.append(why)
 
