@@ -208,6 +208,29 @@ class ExecutorRow(Row):
             ex.shutdown(wait=True)
 
 
+class OptionsRow(ExecutorRow):
+    """farpool with per-task options (``Executor.options``): the cost of a time limit.
+    The view is what is timed; its executor is what ``close`` shuts down."""
+
+    def __init__(self, name: str, description: str, factory: Callable[[], cf.Executor],
+                 **options: Any) -> None:
+        super().__init__(name, description, factory,
+                         metrics=frozenset({"latency", "submit", "map", "sleep"}))
+        self.options = options
+        self.root: cf.Executor | None = None
+
+    def open(self) -> None:
+        self.root = self.factory()
+        self.ex = self.root.options(**self.options)  # type: ignore[attr-defined]
+        self.one(noop)
+
+    def close(self) -> None:
+        self.ex = None
+        if self.root is not None:
+            root, self.root = self.root, None
+            root.shutdown(wait=True)
+
+
 class DaskRow(Row):
     """Dask's own API on a running cluster: Client.submit / Client.map, then gather."""
 
@@ -387,6 +410,9 @@ def local_group(cfg: Config) -> Group:
         ExecutorRow("loky", "loky.ProcessPoolExecutor", loky_executor),
         ExecutorRow("farpool-processes", "farpool.Executor('processes')",
                     _farpool_executor("processes", w)),
+        OptionsRow("farpool-processes-timeout", "farpool.Executor('processes').options("
+                   "timeout=60): every task under a time limit",
+                   _farpool_executor("processes", w), timeout=60),
         ExecutorRow("farpool-threads", "farpool.Executor('threads')", _farpool_executor("threads", w)),
         ExecutorRow("farpool-inline", "farpool.Executor('inline'): runs in the caller, through "
                     "pickling (latency only)", _farpool_executor("inline", None),

@@ -390,6 +390,18 @@ def test_shutdown_cancel_futures_right_after_submitting(address):
         assert f.done() and f.exception() is None
 
 
+def test_tasks_cancelled_by_shutdown_count_as_done_for_wait(address):
+    # Before: on processes, shutdown(wait=False, cancel_futures=True) cancelled queued
+    # futures without notifying them, so wait() and as_completed() hung on them.
+    ex = farpool.Executor(address, max_workers=1)
+    futs = [ex.submit(sleep_then, i, 0.2) for i in range(6)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    done, not_done = cf.wait(futs, timeout=30)
+    assert not not_done
+    assert len(list(cf.as_completed(futs, timeout=5))) == 6
+    ex.shutdown()
+
+
 def test_shutdown_no_wait_still_completes(address):
     ex = farpool.Executor(address, max_workers=2)
     futs = [ex.submit(sleep_then, i, 0.05) for i in range(4)]

@@ -230,13 +230,6 @@ def test_thread_pool_ignores_farpool_address(monkeypatch):
         assert ex.submit(os.getpid).result(timeout=30) == os.getpid()
 
 
-def test_python_314_pool_methods_say_they_are_missing():
-    with farpool.ProcessPoolExecutor(1) as ex:
-        for method in (ex.terminate_workers, ex.kill_workers):
-            with pytest.raises(NotImplementedError, match="shutdown"):
-                method()
-
-
 def test_tqdm_thread_map_counts_every_task():
     import io
 

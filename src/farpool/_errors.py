@@ -19,7 +19,14 @@ class VersionMismatch(ProtocolError):
     """A peer's farpool, Python or cloudpickle version cannot read our payloads."""
 
 
+class TaskInterrupted(BaseException):
+    """Raised inside a running task that its pool is stopping (a time limit, or
+    ``Executor.stop``), so its ``finally`` blocks and context managers run. A
+    BaseException, as KeyboardInterrupt is: ``except Exception`` does not swallow it.
+    A task that catches it anyway is killed once the grace is over."""
+
+
 # Their public home (reprs, docs, pickles by reference) is farpool.errors.
-for _cls in (FarpoolError, ProtocolError, VersionMismatch):
+for _cls in (FarpoolError, ProtocolError, VersionMismatch, TaskInterrupted):
     _cls.__module__ = "farpool.errors"
 del _cls

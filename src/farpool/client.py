@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import signal
 import threading
 import time
 import weakref
@@ -25,8 +26,9 @@ from concurrent.futures import Future
 from typing import Any, ParamSpec, TypeVar, cast
 
 from .backends import open_backend
-from .backends.base import LocalBackend
+from .backends.base import ControlledBackend, LocalBackend
 from .dependencies import Pending, find_futures
+from .task_control import TaskOptions, check_task_options
 
 __all__ = ["Executor", "ProcessPoolExecutor", "ThreadPoolExecutor", "DEFAULT_ADDRESS"]
 
@@ -117,8 +119,19 @@ class Executor(concurrent.futures.Executor):
         state = "shut down" if self._shutdown else "running"
         return f"<{type(self).__name__} {self.address!r} {state}>"
 
+    # Per-task options (``options``): None for an executor, so every submit passes
+    # the backend exactly what it took before options existed.
+    _task_options: TaskOptions | None = None
+
+    @property
+    def _root(self) -> Executor:
+        """The executor whose workers run the tasks: itself (an options view's is the
+        one it came from). A property, not an attribute: a reference to itself would
+        keep a dropped executor alive past its finalizer."""
+        return self
+
     def _check_open(self) -> None:
-        if self._shutdown:
+        if self._shutdown or self._root._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         broken = self._backend.broken
         if broken is not None:
@@ -134,7 +147,18 @@ class Executor(concurrent.futures.Executor):
                 return self._submit_when_ready(fn, args, kwargs, inputs)
         with self._shutdown_lock:
             self._check_open()
-            return self._backend.submit(fn, args, kwargs)
+            options = self._task_options
+            if options is None:
+                return self._backend.submit(fn, args, kwargs)
+            return self._track(self._controlled().submit(fn, args, kwargs, options))
+
+    def _controlled(self) -> ControlledBackend:
+        """The backend, when task options are in use (``options`` checked it takes them)."""
+        return cast(ControlledBackend, self._backend)
+
+    def _track(self, future: Future) -> Future:
+        """An options view keeps its own futures, for its shutdown (see _OptionsView)."""
+        return future
 
     def _submit_when_ready(self, fn: Callable[..., Any], args: tuple[Any, ...],
                            kwargs: dict[str, Any], inputs: list[Future]) -> Future:
@@ -156,7 +180,10 @@ class Executor(concurrent.futures.Executor):
         broken = self._backend.broken
         if broken is not None:
             raise self._backend.broken_type(str(broken))
-        return self._backend.submit(fn, args, kwargs)
+        options = self._task_options
+        if options is None:
+            return self._backend.submit(fn, args, kwargs)
+        return self._track(self._controlled().submit(fn, args, kwargs, options))
 
     def _waiting_done(self, future: Future) -> None:
         with self._waiting_lock:
@@ -165,7 +192,10 @@ class Executor(concurrent.futures.Executor):
     def _submit_many(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Future]:
         with self._shutdown_lock:
             self._check_open()
-            return self._backend.submit_many(fn, calls)
+            options = self._task_options
+            if options is None:
+                return self._backend.submit_many(fn, calls)
+            return [self._track(f) for f in self._controlled().submit_many(fn, calls, options)]
 
     def _map_submitter(self) -> Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Future]]:
         """How ``map`` submits: through ``submit`` when something replaced it (a
@@ -260,6 +290,87 @@ class Executor(concurrent.futures.Executor):
             concurrent.futures.wait(waiting)
         self._backend.shutdown(wait, cancel_futures)
 
+    # -- task control --------------------------------------------------------------
+    def options(self, *, timeout: float | None = None, retries: int | None = None,
+                grace: float | None = None) -> Executor:
+        """An executor that shares this one's workers and applies these options to
+        every task it submits (``submit`` and ``map``), so code that takes any
+        ``concurrent.futures.Executor`` gets them too.
+
+        ``timeout``: seconds a task may run (queueing not counted); then it is
+        interrupted (``farpool.TaskInterrupted`` raised inside it), and if it still
+        runs after ``grace`` seconds (default 3) its worker is killed and replaced.
+        Its future fails with ``farpool.TaskTimeout``. ``retries``: how often a task
+        runs again after its worker died or its time ran out (default: the
+        executor's). An option the backend cannot honour is a ``ValueError`` here.
+        """
+        from .backends import scheme_of
+
+        given = {name: value for name, value in
+                 (("timeout", timeout), ("retries", retries), ("grace", grace))
+                 if value is not None}
+        merged = check_task_options(given, self._task_options)
+        supported: frozenset[str] = getattr(self._root._backend, "task_options", frozenset())
+        refused = sorted(set(given) - supported)
+        if refused:
+            scheme = scheme_of(self.address)
+            takes = ", ".join(sorted(supported)) or "none"
+            raise ValueError(f"the {scheme} backend cannot honour the task option"
+                             f"{'s' if len(refused) > 1 else ''} {', '.join(refused)} "
+                             f"(it takes: {takes}; processes takes timeout, retries and grace)")
+        return _OptionsView(self._root, merged)
+
+    def stop(self, future: Future, grace: float | None = None) -> bool:
+        """Stop ``future``'s task: cancelled if it is queued; if it runs, interrupted
+        (``farpool.TaskInterrupted`` raised inside it), and killed with its worker if
+        it still runs after ``grace`` seconds (default: the options' grace, else 3).
+        A stopped running task's future fails with ``farpool.TaskStopped``, a
+        ``CancelledError``. Returns whether the task was queued or running."""
+        if not isinstance(future, Future):
+            raise TypeError(f"stop() takes a Future, not {type(future).__name__}")
+        if grace is None:
+            grace = (self._task_options or TaskOptions()).stop_grace()
+        else:
+            grace = check_task_options({"grace": grace}).stop_grace()
+        stop = getattr(self._root._backend, "stop", None)
+        if stop is not None:
+            return bool(stop(future, grace))
+        if future.cancel():
+            return True
+        if future.done():
+            return False
+        from .backends import scheme_of
+
+        raise ValueError(f"the {scheme_of(self.address)} backend cannot stop a running "
+                         "task (processes can)")
+
+    def terminate_workers(self) -> None:
+        """As Python 3.14's ``ProcessPoolExecutor.terminate_workers``: shut down
+        without waiting, cancel queued tasks, send SIGTERM to every worker process.
+        Running tasks' futures fail with ``farpool.ProcessPoolBroken`` (a
+        ``BrokenProcessPool``); the executor takes no more tasks."""
+        self._end_workers(signal.SIGTERM)
+
+    def kill_workers(self) -> None:
+        """As ``terminate_workers``, with SIGKILL."""
+        self._end_workers(signal.SIGKILL)
+
+    def _end_workers(self, signum: int) -> None:
+        root = self._root
+        end = getattr(root._backend, "end_workers", None)
+        if end is None:
+            from .backends import scheme_of
+
+            raise NotImplementedError(f"the {scheme_of(self.address)} backend has no "
+                                      "terminate_workers or kill_workers (processes has)")
+        with root._shutdown_lock:
+            root._shutdown = True
+        with root._waiting_lock:
+            waiting = list(root._waiting)
+        for future in waiting:
+            future.cancel()
+        end(signum)
+
     @property
     def _broken(self) -> str | bool:
         """As in the stdlib pools: False, or why the executor is broken."""
@@ -270,6 +381,52 @@ class Executor(concurrent.futures.Executor):
         """Counters of the backend: ``pending`` (this executor's tasks not done yet)
         everywhere, and what else the backend keeps (workers, queued, running, ...)."""
         return self._backend.stats()
+
+
+class _OptionsView(Executor):
+    """What ``Executor.options`` returns: the same workers, options on every task.
+
+    Its ``shutdown`` stops it taking tasks and waits for (or cancels) its own; the
+    executor it came from goes on. Once that one is shut down, this one takes no
+    more tasks either."""
+
+    _root: Executor = None  # type: ignore[assignment]  # an attribute here, set in __init__
+
+    def __init__(self, root: Executor, options: TaskOptions) -> None:  # noqa: D107
+        self._root = root
+        self.address = root.address
+        self._backend = root._backend
+        self._resolves_futures = root._resolves_futures
+        self._task_options = options
+        self._shutdown = False
+        self._shutdown_lock = root._shutdown_lock
+        self._waiting = set()
+        self._waiting_lock = threading.Lock()
+        self._submitted: weakref.WeakSet[Future] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{name}={value!r}" for name in ("timeout", "retries", "grace")
+                         if (value := getattr(self._task_options, name)) is not None)
+        return f"<options({opts}) of {self._root!r}>"
+
+    def _track(self, future: Future) -> Future:
+        self._submitted.add(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        with self._waiting_lock:
+            waiting = list(self._waiting)
+        mine = [*waiting, *list(self._submitted)]
+        if cancel_futures:
+            for future in mine:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(mine)
+
+    def stats(self) -> dict[str, Any]:
+        return self._root.stats()
 
 
 def _batched(iterable: Iterable[T], n: int) -> Iterator[list[T]]:
@@ -336,15 +493,8 @@ class ProcessPoolExecutor(Executor, concurrent.futures.ProcessPoolExecutor):  # 
 
         return multiprocessing.get_context("spawn")
 
-    def terminate_workers(self) -> None:
-        """Python 3.14's method: not available yet in farpool."""
-        raise NotImplementedError("farpool.ProcessPoolExecutor has no terminate_workers yet; "
-                                  "use shutdown(wait=False, cancel_futures=True)")
-
-    def kill_workers(self) -> None:
-        """Python 3.14's method: not available yet in farpool."""
-        raise NotImplementedError("farpool.ProcessPoolExecutor has no kill_workers yet; "
-                                  "use shutdown(wait=False, cancel_futures=True)")
+    terminate_workers = Executor.terminate_workers
+    kill_workers = Executor.kill_workers
 
 
 class ThreadPoolExecutor(Executor, concurrent.futures.ThreadPoolExecutor):  # type: ignore[misc]

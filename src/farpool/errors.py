@@ -14,7 +14,11 @@ stdlib's, so ``except BrokenExecutor`` (or ``BrokenProcessPool``) keeps working:
           ├── BackendUnavailable            (+ ImportError) an optional engine is missing
           ├── ProtocolError                 a frame off the wire is malformed
           │    └── VersionMismatch          the peer runs incompatible versions
-          └── SecurityError                 keys missing, unsafe or refused
+          ├── SecurityError                 keys missing, unsafe or refused
+          ├── TaskTimeout                   (+ TimeoutError) a task ran past its time limit
+          └── TaskStopped                   (+ CancelledError) Executor.stop stopped it
+    BaseException
+     └── TaskInterrupted                    raised inside a task that is being stopped
 
 Errors raised *by a task* are never wrapped: they reach ``future.result()`` as
 themselves, with the remote traceback as their ``__cause__``.
@@ -23,12 +27,12 @@ themselves, with the remote traceback as their ``__cause__``.
 from __future__ import annotations
 
 import concurrent.futures.process
-from concurrent.futures import BrokenExecutor
+from concurrent.futures import BrokenExecutor, CancelledError
 from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures.thread import BrokenThreadPool
 from typing import TYPE_CHECKING
 
-from ._errors import FarpoolError, ProtocolError, VersionMismatch
+from ._errors import FarpoolError, ProtocolError, TaskInterrupted, VersionMismatch
 
 __all__ = [
     "BackendUnavailable",
@@ -39,6 +43,9 @@ __all__ = [
     "RemoteTraceback",
     "SchedulerLost",
     "SecurityError",
+    "TaskInterrupted",
+    "TaskStopped",
+    "TaskTimeout",
     "ThreadPoolBroken",
     "UnpicklingFailed",
     "VersionMismatch",
@@ -103,6 +110,18 @@ class BackendUnavailable(FarpoolError, ImportError):
 
 class SecurityError(FarpoolError):
     """Keys are missing, have unsafe permissions, or a peer was refused."""
+
+
+class TaskTimeout(FarpoolError, TimeoutError):
+    """A task ran past its time limit (``Executor.options(timeout=...)``) and was
+    stopped: interrupted, or killed with its worker once the grace was over (the
+    message says which). The pool replaces a killed worker and keeps its size."""
+
+
+class TaskStopped(FarpoolError, CancelledError):
+    """``Executor.stop`` stopped this task while it ran (a ``CancelledError``, so code
+    that catches cancellation keeps working); the message says whether its worker had
+    to be killed."""
 
 
 class _RemoteTraceback(Exception):

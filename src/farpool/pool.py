@@ -46,6 +46,7 @@ from .dispatch import Dispatcher, Task, WorkerSlot
 from .errors import unpickling_failed
 from .io_thread import IOThread
 from .protocol import ByeReason, Kind, Status
+from .task_control import TaskControl
 
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
@@ -93,7 +94,12 @@ class FutureSink:
         """Cancel a queued task; False when it has started already (requeued after its
         worker died): it must still run."""
         future = task.context
-        return future.cancel() or future.done()
+        if future.cancel():
+            # As the stdlib's pools do for what they cancel: waiters (wait,
+            # as_completed) count a cancelled future done only once notified.
+            future.set_running_or_notify_cancel()
+            return True
+        return future.done()
 
 
 def refuse_after_exit() -> None:
@@ -169,6 +175,9 @@ class PoolIO(IOThread):
         # workers append here instead of sending a message (see ThreadPoolIO.thread_done).
         self.freed: deque[tuple[bytes, list[list[Any]], float]] = deque()
         self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
+        # Time limits and stops (task_control): what the loop's timer looks at.
+        self.control = TaskControl()
+        self.stop_requests: deque[tuple[Any, float]] = deque()  # (future, grace) from stop()
         self.handlers: dict[Kind, Callable[[bytes, protocol.Message], None]] = {
             Kind.HELLO: self.on_hello,
             Kind.BYE: self.on_bye,
@@ -205,6 +214,14 @@ class PoolIO(IOThread):
 
     def end_round(self) -> None:
         """Last in each round of the I/O loop, just before it waits."""
+
+    def act_on_timers(self, now: float) -> None:
+        """The control's stops that are due (a time limit ran out, a grace is over)."""
+
+    def take_stop_requests(self) -> None:
+        """``stop(future)`` requests from callers (``stop_requests``)."""
+        while self.stop_requests:
+            self.stop_requests.popleft()  # a kind of pool that cannot stop tasks
 
     def stop_workers(self, deadline: float) -> None:
         """In cleanup, after every worker was told BYE: wait for them until ``deadline``,
@@ -253,6 +270,11 @@ class PoolIO(IOThread):
             self.take_freed()  # a fast thread worker has answered already
         return True
 
+    def request_stop(self, future: Any, grace: float) -> None:
+        """From a caller: stop the running task of ``future`` (see task_control)."""
+        self.stop_requests.append((future, grace))
+        self.wake()
+
     def needs_io_thread(self) -> bool:
         return bool(self.closing or self.inbox or self.dispatcher.queued or self.deferred
                     or self.may_have_input())
@@ -296,12 +318,22 @@ class PoolIO(IOThread):
         wake_r = self.wakeup.fd
         poll = self.poller.poll
         lock = self.io_lock
+        control = self.control
+        clock = time.monotonic
         while True:
+            timeout: int | None = 100 if self.closing else None
+            if control:  # a time limit or a grace runs: wake up when it is over
+                due = control.next_due()
+                if due is not None:
+                    wait_ms = int(max(0.0, due - clock()) * 1000) + 1
+                    timeout = wait_ms if timeout is None else min(timeout, wait_ms)
             lock.release()
             try:
-                events = poll(100 if self.closing else None)
+                events = poll(timeout)
             finally:
                 lock.acquire()
+            if control:
+                self.act_on_timers(clock())
             woken = False
             for what, _ in events:
                 if what == router_fd:
@@ -336,6 +368,8 @@ class PoolIO(IOThread):
                 self.sink.fail(task, self.broken_type(str(self.broken)))
             else:
                 submit(task)
+        if self.stop_requests:
+            self.take_stop_requests()
         if self.cancel_pending:
             self.cancel_queued()
 

@@ -19,7 +19,9 @@ dies is seen by its pidfd even when a child it forked keeps its sockets open.
 
 from __future__ import annotations
 
+import logging
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -31,13 +33,16 @@ import zmq
 
 from . import protocol, serialize
 from .dispatch import Task, WorkerSlot, plan_loss, task_label
-from .errors import ProcessPoolBroken, WorkerLost
+from .errors import ProcessPoolBroken, TaskStopped, TaskTimeout, WorkerLost
 from .futures import new_future
 from .main_script import MainScript, client_script
 from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
-from .protocol import ByeReason, Kind
+from .protocol import ByeReason, Kind, Status
 from .respawn import StartFailures
 from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
+from .task_control import STOPPED, TaskOptions, outcome_of
+
+log = logging.getLogger("farpool.pool")
 
 
 class ProcessPool(LocalPool):
@@ -59,14 +64,35 @@ class ProcessPool(LocalPool):
                                        initargs=initargs, max_tasks=max_tasks_per_child,
                                        retries=retries, main_script=script))
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+    task_options = frozenset(("timeout", "retries", "grace"))
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               options: TaskOptions | None = None) -> Future:
         future: Future = new_future()
         task = self._make_task(fn, args, kwargs, future, None)
         if task is not None:
+            task.options = options
             self._io.post([task])
         return future
 
-    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
+    def stop(self, future: Future, grace: float) -> bool:
+        """Cancel ``future``'s task if it is queued; interrupt it if it runs, and kill
+        its worker if it still runs after ``grace`` seconds. Whether it was pending."""
+        if future.cancel():
+            return True
+        if future.done():
+            return False
+        self._io.request_stop(future, grace)
+        return True
+
+    def end_workers(self, signum: int) -> None:
+        """Python 3.14's terminate_workers and kill_workers: shut down without waiting,
+        cancel what is queued, send ``signum`` to every worker process; what was running
+        fails with ProcessPoolBroken (a BrokenProcessPool)."""
+        self._io.request_end(signum)
+
+    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]],
+                    options: TaskOptions | None = None) -> list[Future]:
         """Submit ``fn(*args)`` for each args; the function is pickled once."""
         fn_pickle: Any  # the function's frames, or why it did not pickle
         try:
@@ -80,6 +106,7 @@ class ProcessPool(LocalPool):
             task = self._make_task(fn, args, {}, future, fn_pickle)
             futures.append(future)
             if task is not None:
+                task.options = options
                 tasks.append(task)
         if tasks:
             self._io.post(tasks)
@@ -132,6 +159,7 @@ class ProcessPoolIO(PoolIO):
         self.procs: dict[bytes, WorkerProcess] = {}
         self.starting = 0  # worker processes spawned that have not said HELLO yet
         self.start_failures = StartFailures(give_up=True)
+        self.end_signal = 0  # terminate_workers / kill_workers asked: the signal to send
 
     def start_workers(self) -> None:
         for _ in range(self.max_workers):
@@ -171,14 +199,108 @@ class ProcessPoolIO(PoolIO):
         if going:
             needs = self.sent_fns[worker.worker_id].needs
             self.send(worker, protocol.encode_tasks(going, needs))
+            for task in going:
+                options = task.options
+                if options is not None and options.timeout is not None:
+                    # On a free slot (never ahead, see Dispatcher): it runs from now.
+                    self.control.began(task, worker.worker_id, options.timeout,
+                                       options.stop_grace(), time.monotonic())
         return len(going) < len(batch)
 
     def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
         finished = self.dispatcher.finished
+        control = self.control
         for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             task = finished(worker_id, entry.task_id, entry.duration)
-            if task is not None:
-                self.outcomes.append((task, entry, payload))
+            if task is None:
+                continue
+            if control:
+                # A result (not an error: that may be our interrupt) that was on the
+                # way when the limit ran out stands.
+                ran = entry.duration if entry.status == Status.OK else None
+                stopped = outcome_of(control.finished(task.task_id), ran)
+                if stopped is not None:
+                    self.end_stopped(task, stopped)
+                    continue
+            self.outcomes.append((task, entry, payload))
+
+    def retries_for(self, task: Task) -> int:
+        options = task.options
+        if options is not None and options.retries is not None:
+            return int(options.retries)
+        return self.retries
+
+    def end_stopped(self, task: Task, error: BaseException) -> None:
+        """A task stopped by its time limit runs again while its retries allow;
+        otherwise (and always after ``stop``) its future fails with ``error``."""
+        if isinstance(error, TaskTimeout) and task.attempts < self.retries_for(task):
+            task.attempts += 1
+            self.dispatcher.requeue([task])
+        else:
+            self.sink.fail(task, error)
+
+    # -- time limits and stops (decided in task_control) ---------------------------
+    def act_on_timers(self, now: float) -> None:
+        for action, watch in self.control.due(now):
+            proc = self.procs.get(watch.worker_id)
+            if proc is None:
+                continue  # its death is being handled
+            if action == "soft":
+                proc.interrupt(watch.task.task_id)
+            elif proc.running_and_done()[0] != watch.task.task_id:
+                # Stopped while handed ahead, and not begun yet: the worker drops it at
+                # its start. Never kill the task running before it.
+                watch.killed = False
+                watch.kill_at = now + watch.grace
+            else:
+                log.info("killing worker process %s: task %s (%s) still runs %g s after "
+                         "it was asked to stop", proc.pid, watch.task.task_id,
+                         watch.task.label, watch.grace)
+                proc.signal(signal.SIGKILL)
+
+    def take_stop_requests(self) -> None:
+        now = time.monotonic()
+        while self.stop_requests:
+            future, grace = self.stop_requests.popleft()
+            found = self.find_held(future)
+            if found is None:
+                self.stop_queued(future)
+                continue
+            worker_id, task = found
+            proc = self.procs.get(worker_id)
+            if proc is not None:
+                self.control.stop(task, worker_id, grace, now)
+                proc.interrupt(task.task_id)
+
+    def find_held(self, future: Any) -> tuple[bytes, Task] | None:
+        for worker in self.dispatcher.workers.values():
+            for task in worker.held.values():
+                if task.context is future:
+                    return worker.worker_id, task
+        return None
+
+    def stop_queued(self, future: Any) -> None:
+        """A running future whose task is queued (requeued after its worker died, or
+        for a retry): drop it from the queue; its future fails with TaskStopped."""
+        for client, queue in list(self.dispatcher.queues.items()):
+            for task in queue:
+                if task.context is future:
+                    self.dispatcher.cancel(client, {task.task_id})
+                    self.sink.fail(task, TaskStopped(
+                        f"task {task.task_id} ({task.label}) was stopped before it ran again"))
+                    return
+
+    def request_end(self, signum: int) -> None:
+        self.end_signal = signum
+        self.request_close(True)
+
+    def take_inbox(self, woken: bool = True) -> None:
+        super().take_inbox(woken)
+        if self.end_signal and self.broken is None:
+            how = "terminate_workers" if self.end_signal == signal.SIGTERM else "kill_workers"
+            for proc in self.procs.values():
+                proc.signal(self.end_signal)
+            self.break_pool(f"the pool's workers were ended by {how}()")
 
     def end_round(self) -> None:
         """Hand finished tasks to the sink last in each round, after sending work out,
@@ -242,9 +364,18 @@ class ProcessPoolIO(PoolIO):
         """Fail the task a dead worker was running (or retry it), and those it ran
         without reporting; requeue the ones it never began, in their order."""
         how = describe_exit(code)
-        plan = plan_loss(held, proc.running_and_done(), lambda _task: self.retries)
+        watches = self.control.lost(proc.worker_id) if self.control else {}
+
+        def retries_for(task: Task) -> int:
+            watch = watches.get(task.task_id)
+            if watch is not None and watch.why == STOPPED:
+                return 0  # stop() means: do not run it again
+            return self.retries_for(task)
+
+        plan = plan_loss(held, proc.running_and_done(), retries_for)
         for task in plan.failed_running:
-            self.sink.fail(task, WorkerLost(
+            stopped = outcome_of(watches.get(task.task_id), None, died=True)
+            self.sink.fail(task, stopped or WorkerLost(
                 f"worker process {proc.pid} died with {how} while running task "
                 f"{task.task_id} ({task.label})"))
         for task in plan.failed_unreported:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .worker_loop import STATE
+from .worker_loop import STATE, STATE_FILE_SIZE, STOP, STOP_AT, STOP_SIGNAL
 
 # A worker imports the few farpool modules it uses, not the package's __init__ (which
 # imports the whole client): this line registers the package bare, and worker_loop.boot
@@ -64,6 +64,23 @@ class WorkerProcess:
         """Task ids (running, last finished) from the shared state; None if none."""
         running, done = STATE.unpack_from(self.state, 0)
         return (running - 1 if running else None), (done - 1 if done else None)
+
+    def interrupt(self, task_id: int) -> None:
+        """The soft stop: ask the worker to raise TaskInterrupted in ``task_id`` (now
+        if it runs it, at its start if it has not begun; see worker_loop)."""
+        STOP.pack_into(self.state, STOP_AT, task_id + 1)
+        self.signal(STOP_SIGNAL)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to this process, by its pidfd where there is one (a pid
+        can be reused once the process is reaped; a pidfd cannot)."""
+        try:
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            elif self.proc.returncode is None:
+                os.kill(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass  # it has exited: its death is on the way
 
     def reap(self, timeout: float = 5.0) -> int | None:
         """Wait for the process to end; its return code (negative: a signal)."""
@@ -179,9 +196,9 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
     what its HELLO says)."""
     state_path = os.path.join(runtime_dir, f"{worker_id.decode()}.state")
     with open(state_path, "wb") as f:
-        f.write(b"\0" * STATE.size)
+        f.write(b"\0" * STATE_FILE_SIZE)
     with open(state_path, "r+b") as f:
-        state = mmap.mmap(f.fileno(), STATE.size)
+        state = mmap.mmap(f.fileno(), STATE_FILE_SIZE)
     ours, theirs = socket.socketpair()
     if init_blob is None:
         init_blob, inherit_fds = pickle_initializer(initializer, initargs)

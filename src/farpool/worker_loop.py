@@ -21,6 +21,7 @@ import contextlib
 import mmap
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
@@ -36,6 +37,7 @@ from typing import Any
 import zmq
 
 from . import protocol, serialize
+from ._errors import TaskInterrupted
 from .initializer import run_initializer
 from .protocol import Kind, Status, TaskEntry
 
@@ -48,6 +50,13 @@ SHORT_TASK_SECONDS = 0.0002
 IDLE_CHECK_MS = 200
 # The state record a local supervisor reads after a crash: (running id, last done id).
 STATE = struct.Struct("<QQ")
+# After it, written by the supervisor: the id (+1) of the task it is stopping; then it
+# sends STOP_SIGNAL, which raises TaskInterrupted in that task (see _stop_on_signal).
+STOP = struct.Struct("<Q")
+STOP_AT = STATE.size
+STATE_FILE_SIZE = STATE.size + STOP.size
+# A real-time signal, not SIGUSR1: tasks and tools (faulthandler) use that one.
+STOP_SIGNAL = signal.SIGRTMIN + 2
 _NO_NAMESPACE = contextlib.nullcontext()
 # Module globals: cheaper to read than the enums' attributes, once per task.
 _TASKS = Kind.TASKS
@@ -57,9 +66,11 @@ _OK = int(Status.OK)
 class PickledCalls:
     """Tasks as pickles in, results as pickles out."""
 
-    def __init__(self, *, chunked: bool = False) -> None:
+    def __init__(self, *, chunked: bool = False, state: mmap.mmap | None = None) -> None:
         self.fns = serialize.FunctionCache()
         self.chunked = chunked  # large results in chunks (a daemon's worker: see serialize)
+        self.state = state  # the state record, where a stop request is written
+        self.running = 0  # the id (+1) of the task inside fn now: a stop may interrupt it
 
     def receive(self, entry: TaskEntry, frames: list[Any]) -> Any:
         # Cache operations happen in arrival order: the sender mirrors them.
@@ -95,9 +106,15 @@ class PickledCalls:
                 return Status.ERROR, serialize.dump_exception(unpickling_failed(what, exc))
             try:
                 del frames
+                self.running = running = entry.task_id + 1
+                state = self.state
+                if state is not None and STOP.unpack_from(state, STOP_AT)[0] == running:
+                    raise TaskInterrupted("stopped before it began")
                 result = fn(*args, **kwargs)
+                self.running = 0
                 del args, kwargs
             except BaseException as exc:  # noqa: BLE001 - every task error goes back
+                self.running = 0
                 return Status.ERROR, serialize.dump_exception(exc)
             try:
                 return Status.OK, serialize.dumps(result, chunked=self.chunked)
@@ -417,6 +434,21 @@ def _leave_stop_signals_to_the_supervisor() -> None:
     os.register_at_fork(after_in_child=defaults_in_child)
 
 
+def _stop_on_signal(calls: PickledCalls, state: mmap.mmap) -> None:
+    """STOP_SIGNAL raises TaskInterrupted in the running task, if it is the one the
+    supervisor is stopping (a signal that comes late finds another task, or none: it
+    does nothing). Once per request: the request is cleared as it is acted on."""
+
+    def on_stop(signum: int, frame: Any) -> None:
+        running = calls.running
+        if running and STOP.unpack_from(state, STOP_AT)[0] == running:
+            STOP.pack_into(state, STOP_AT, 0)
+            raise TaskInterrupted("farpool is stopping this task (a time limit, or "
+                                  "Executor.stop)")
+
+    signal.signal(STOP_SIGNAL, on_stop)
+
+
 def _watch_parent(control: socket.socket) -> None:
     """Exit the moment the parent's end of the control socket closes."""
     try:
@@ -479,7 +511,7 @@ def _process_main() -> int:
     state = None
     if config.get("state_path"):
         with open(config["state_path"], "r+b") as f:
-            state = mmap.mmap(f.fileno(), STATE.size)
+            state = mmap.mmap(f.fileno(), STATE_FILE_SIZE)
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -510,7 +542,9 @@ def _process_main() -> int:
     info = {"pid": os.getpid(), "slots": 1, **protocol.version_info(), **config.get("hello", {})}
     hello(sock, info)
     network = config.get("network") or {}
-    calls = PickledCalls(chunked=bool(network.get("curve")))
+    calls = PickledCalls(chunked=bool(network.get("curve")), state=state)
+    if state is not None:
+        _stop_on_signal(calls, state)
     rejoin = (lambda: hello(sock, info)) if config.get("rejoin") else None
     loop = WorkerLoop(sock, calls, max_tasks=config.get("max_tasks"), state=state, rejoin=rejoin)
     reason = loop.run()

@@ -45,3 +45,26 @@ class LocalBackend(Backend, Protocol):
     def worker_threads(self) -> set[Thread]:
         """The worker threads started so far (empty for worker processes)."""
         ...
+
+
+class ControlledBackend(Backend, Protocol):
+    """A backend that can limit and stop tasks (see ``farpool.task_control``):
+    ``task_options`` names the per-task options it honours, which ``submit`` and
+    ``submit_many`` then take as a ``TaskOptions``."""
+
+    task_options: frozenset[str]
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any], options: Any = None) -> Future: ...
+
+    def submit_many(self, fn: Callable[..., Any],
+                    calls: Iterable[tuple[Any, ...]], options: Any = None) -> list[Future]: ...
+
+    def stop(self, future: Future, grace: float) -> bool:
+        """Cancel a queued task, or interrupt a running one and kill it after
+        ``grace`` seconds; whether it was queued or running."""
+        ...
+
+    def end_workers(self, signum: int) -> None:
+        """Shut down without waiting and send ``signum`` to every worker process."""
+        ...
