@@ -30,20 +30,20 @@ def test_header_encoding_is_plain_msgpack_from_any_thread():
     """encode reuses a msgpack Packer per thread: the bytes on the wire stay exactly
     msgpack.packb's, whichever thread packs and however many at once."""
     body = [[[5, b"k" * 16, 0, 1]]]
-    assert protocol.encode(Kind.TASKS, body, [b"a"]) == [msgpack.packb([1, int(Kind.TASKS), body]), b"a"]
-    assert protocol.encode(Kind.BYE, ("why",)) == [msgpack.packb([1, int(Kind.BYE), ["why"]])]
+    assert protocol.encode(Kind.TASKS, body, [b"a"]) == [msgpack.packb([V, int(Kind.TASKS), body]), b"a"]
+    assert protocol.encode(Kind.BYE, ("why",)) == [msgpack.packb([V, int(Kind.BYE), ["why"]])]
     errors = []
 
     def pack_many(n):
         for i in range(2000):
-            want = msgpack.packb([1, int(Kind.CANCEL), [[n, i]]])
+            want = msgpack.packb([V, int(Kind.CANCEL), [[n, i]]])
             if protocol.encode(Kind.CANCEL, [[n, i]]) != [want]:
                 errors.append((n, i))
 
     # A body msgpack cannot pack raises, and leaves nothing behind for the next one.
     with pytest.raises(TypeError):
         protocol.encode(Kind.HELLO, [{"not packable": {1, 2}}])
-    assert protocol.encode(Kind.BYE, ["a"]) == [msgpack.packb([1, int(Kind.BYE), ["a"]])]
+    assert protocol.encode(Kind.BYE, ["a"]) == [msgpack.packb([V, int(Kind.BYE), ["a"]])]
     threads = [threading.Thread(target=pack_many, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
@@ -68,6 +68,9 @@ def test_an_oversized_header_frame_is_refused_before_it_is_copied():
         protocol.decode([big])
 
 
+V = protocol.PROTOCOL_VERSION
+
+
 def head(version, kind, body):
     return msgpack.packb([version, kind, body])
 
@@ -76,54 +79,84 @@ def head(version, kind, body):
     ([], "empty"),
     ([b"\xc1" + os.urandom(63)], "not msgpack"),  # 0xc1 is never valid msgpack
     ([b"\x93\x01"], "not msgpack"),  # truncated array
-    ([head(1, 99, [])], "unknown message kind"),
-    ([head(1, "TASKS", [])], "unknown message kind"),
+    ([head(V, 99, [])], "unknown message kind"),
+    ([head(V, "TASKS", [])], "unknown message kind"),
     ([msgpack.packb({"a": 1})], "header is not"),
-    ([head(1, int(Kind.TASKS), [[[1, b"k", 0, 2]]]), b"only one"], "counts 2 frames"),
-    ([head(1, int(Kind.TASKS), [[[1, b"", 0, 0]]])], "fn_key"),
-    ([head(1, int(Kind.TASKS), [[[-1, b"k", 0, 0]]])], "bad task id"),
-    ([head(1, int(Kind.TASKS), [[[1, b"k", 2, 0]]])], "fn_frames"),
-    ([head(1, int(Kind.RESULTS), [[[1, 42, 0, 0.0]]])], "status"),
-    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, "slow"]]])], "duration"),
-    ([head(1, int(Kind.RESULTS), [[[1, 0, 3, 0.0]]]), b"x"], "counts 3 frames"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 2]]]), b"only one"], "counts 2 frames"),
+    ([head(V, int(Kind.TASKS), [[[1, b"", 0, 0]]])], "fn_key"),
+    ([head(V, int(Kind.TASKS), [[[-1, b"k", 0, 0]]])], "bad task id"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 2, 0]]])], "fn_frames"),
+    ([head(V, int(Kind.RESULTS), [[[1, 42, 0, 0.0]]])], "status"),
+    ([head(V, int(Kind.RESULTS), [[[1, 0, 0, "slow"]]])], "duration"),
+    ([head(V, int(Kind.RESULTS), [[[1, 0, 3, 0.0]]]), b"x"], "counts 3 frames"),
     # Values that stopped the scheduler or let one key claim the cluster (issue: a
     # NaN duration poisoned the run-time average; 10**9 slots took every task).
-    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, float("nan")]]])], "not a finite number"),
-    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, float("inf")]]])], "not a finite number"),
-    ([head(1, int(Kind.RESULTS), [[[1, 0, 0, -float("inf")]]])], "not a finite number"),
-    ([head(1, int(Kind.HELLO), [{"slots": 10**9}])], "out of range"),
-    ([head(1, int(Kind.HELLO), [{"retries": 10**6}])], "out of range"),
-    ([head(1, int(Kind.HELLO), [{"heartbeat": float("inf")}])], "HELLO heartbeat"),
-    ([head(1, int(Kind.HELLO), [{"heartbeat": float("nan")}])], "HELLO heartbeat"),
-    ([head(1, int(Kind.HELLO), [{"name": "x" * 256}])], "HELLO name"),
-    ([head(1, int(Kind.HELLO), [{"name": b"\xff\xfe"}])], "HELLO name"),
-    ([head(1, int(Kind.HEARTBEAT), [1])], "empty"),
-    ([head(1, int(Kind.HELLO), ["not a map"])], "info-map"),
-    ([head(1, int(Kind.HELLO), [{"slots": "2"}])], "HELLO slots"),
-    ([head(1, int(Kind.HELLO), [{"slots": 0}])], "out of range"),
-    ([head(1, int(Kind.HELLO), [{"retries": -1}])], "out of range"),
-    ([head(1, int(Kind.HELLO), [{"heartbeat": 0}])], "HELLO heartbeat"),
-    ([head(1, int(Kind.HELLO), [{"pid": "1"}])], "HELLO pid"),
-    ([head(1, int(Kind.HELLO), [{"supervisor": "text, not bytes"}])], "HELLO supervisor"),
-    ([head(1, int(Kind.HELLO), [{"running": {"w": 1}}])], "HELLO running is not a list"),
-    ([head(1, int(Kind.HELLO), [{"running": [[b"w", 1]] * 1025}])], "at most 1024"),
-    ([head(1, int(Kind.HELLO), [{"running": [["w", 1]]}])], "bad entry"),
-    ([head(1, int(Kind.HELLO), [{"running": [[b"w", -1]]}])], "bad entry"),
-    ([head(1, int(Kind.HELLO), [{"running": [[b"w", 1.5]]}])], "bad entry"),
-    ([head(1, int(Kind.HELLO), [{"running": [[b"w"]]}])], "bad entry"),
-    ([head(1, int(Kind.WELCOME), [{"session": "s", "heartbeat": 1.0}])], "WELCOME needs"),
-    ([head(1, int(Kind.WELCOME), [{"session": "s", "heartbeat": 1.0, "liveness": 0}])],
+    ([head(V, int(Kind.RESULTS), [[[1, 0, 0, float("nan")]]])], "not a finite number"),
+    ([head(V, int(Kind.RESULTS), [[[1, 0, 0, float("inf")]]])], "not a finite number"),
+    ([head(V, int(Kind.RESULTS), [[[1, 0, 0, -float("inf")]]])], "not a finite number"),
+    ([head(V, int(Kind.HELLO), [{"slots": 10**9}])], "out of range"),
+    ([head(V, int(Kind.HELLO), [{"retries": 10**6}])], "out of range"),
+    ([head(V, int(Kind.HELLO), [{"heartbeat": float("inf")}])], "HELLO heartbeat"),
+    ([head(V, int(Kind.HELLO), [{"heartbeat": float("nan")}])], "HELLO heartbeat"),
+    ([head(V, int(Kind.HELLO), [{"name": "x" * 256}])], "HELLO name"),
+    ([head(V, int(Kind.HELLO), [{"name": b"\xff\xfe"}])], "HELLO name"),
+    ([head(V, int(Kind.HEARTBEAT), [1])], "empty"),
+    ([head(V, int(Kind.HELLO), ["not a map"])], "info-map"),
+    ([head(V, int(Kind.HELLO), [{"slots": "2"}])], "HELLO slots"),
+    ([head(V, int(Kind.HELLO), [{"slots": 0}])], "out of range"),
+    ([head(V, int(Kind.HELLO), [{"retries": -1}])], "out of range"),
+    ([head(V, int(Kind.HELLO), [{"heartbeat": 0}])], "HELLO heartbeat"),
+    ([head(V, int(Kind.HELLO), [{"pid": "1"}])], "HELLO pid"),
+    ([head(V, int(Kind.HELLO), [{"supervisor": "text, not bytes"}])], "HELLO supervisor"),
+    ([head(V, int(Kind.HELLO), [{"running": {"w": 1}}])], "HELLO running is not a list"),
+    ([head(V, int(Kind.HELLO), [{"running": [[b"w", 1]] * 1025}])], "at most 1024"),
+    ([head(V, int(Kind.HELLO), [{"running": [["w", 1]]}])], "bad entry"),
+    ([head(V, int(Kind.HELLO), [{"running": [[b"w", -1]]}])], "bad entry"),
+    ([head(V, int(Kind.HELLO), [{"running": [[b"w", 1.5]]}])], "bad entry"),
+    ([head(V, int(Kind.HELLO), [{"running": [[b"w"]]}])], "bad entry"),
+    ([head(V, int(Kind.WELCOME), [{"session": "s", "heartbeat": 1.0}])], "WELCOME needs"),
+    ([head(V, int(Kind.WELCOME), [{"session": "s", "heartbeat": 1.0, "liveness": 0}])],
      "WELCOME needs"),
-    ([head(1, int(Kind.LOST), [{"worker": "w1", "how": "exit code 1"}])], "LOST worker"),
-    ([head(1, int(Kind.LOST), [{"worker": b"w1"}])], "LOST needs"),
-    ([head(1, int(Kind.LOST), [{"worker": b"w1", "how": "?", "running": "7"}])], "LOST running"),
-    ([head(1, int(Kind.BYE), [b"bytes"])], "reason"),
-    ([head(1, int(Kind.CANCEL), [["x"]])], "task id"),
-    ([head(1, int(Kind.STATUS), []), b"extra"], "unexpected frames"),
+    ([head(V, int(Kind.LOST), [{"worker": "w1", "how": "exit code 1"}])], "LOST worker"),
+    ([head(V, int(Kind.LOST), [{"worker": b"w1"}])], "LOST needs"),
+    ([head(V, int(Kind.LOST), [{"worker": b"w1", "how": "?", "running": "7"}])], "LOST running"),
+    ([head(V, int(Kind.BYE), [b"bytes"])], "reason"),
+    ([head(V, int(Kind.CANCEL), [["x"]])], "task id"),
+    ([head(V, int(Kind.STATUS), []), b"extra"], "unexpected frames"),
+    # Time limits and stops (Executor.options, Executor.stop).
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, float("nan"), None, None]]])],
+     "timeout is not a number of seconds"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 0, None, None]]])], "timeout"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 1e9, None, None]]])], "timeout"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0, -1.0, None]]])], "grace"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0, None, 10**6]]])], "retries"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0]]])], "bad task limits"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], {"1": 5}])], "limits are not a list"),
+    ([head(V, int(Kind.STOP), [[1, 2]])], "STOP body"),
+    ([head(V, int(Kind.STOP), [["x"], 1.0])], "task id"),
+    ([head(V, int(Kind.STOP), [[1], float("inf")])], "grace"),
+    ([head(V, int(Kind.INTERRUPT), [b"w", 1])], "INTERRUPT body"),
+    ([head(V, int(Kind.INTERRUPT), ["w", 1, True])], "INTERRUPT body"),
+    ([head(V, int(Kind.INTERRUPT), [b"w", -1, False])], "task id"),
 ])
 def test_malformed_messages_raise_protocol_error(frames, match):
     with pytest.raises(ProtocolError, match=match):
         protocol.decode(frames)
+
+
+def test_task_limits_travel_with_a_batch_and_only_when_given():
+    from farpool.task_control import TaskOptions
+
+    class T:
+        def __init__(self, task_id, options):
+            self.task_id, self.fn_key, self.fn_blob, self.frames = task_id, b"k", b"f", []
+            self.options = options
+
+    tasks = [T(1, None), T(2, TaskOptions(timeout=5.0, retries=1))]
+    msg = protocol.decode(protocol.encode_tasks(tasks, lambda key: False, with_options=True))
+    assert msg.body[1] == {2: protocol.TaskLimits(2, 5.0, None, 1)}
+    plain = protocol.decode(protocol.encode_tasks(tasks, lambda key: False))
+    assert len(plain.body) == 1  # what a scheduler sends its workers: no limits
 
 
 def test_hello_welcome_and_lost_decode_to_typed_records():

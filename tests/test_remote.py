@@ -733,15 +733,15 @@ def test_garbage_frames_are_counted_and_dropped(shared_address):
         [msgpack.packb([protocol.PROTOCOL_VERSION, 99, []])],  # unknown kind
         [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.TASKS), "body"])],
         # TASKS whose header counts 1 + 3 frames, carrying 2
-        [msgpack.packb([1, int(Kind.TASKS), [[[1, key, 1, 3]]]]), b"fn", b"arg"],
-        [msgpack.packb([1, int(Kind.TASKS), [[[1, key, 0, 0]]]]), b"extra"],
-        [msgpack.packb([1, int(Kind.TASKS), [[["not", "an", "entry"]]]])],
-        [msgpack.packb([1, int(Kind.HEARTBEAT), []]), b"unexpected payload"],
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.TASKS), [[[1, key, 1, 3]]]]), b"fn", b"arg"],
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.TASKS), [[[1, key, 0, 0]]]]), b"extra"],
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.TASKS), [[["not", "an", "entry"]]]])],
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.HEARTBEAT), []]), b"unexpected payload"],
     ]
     as_client = [  # once it is a known client: messages a client may not send
-        [msgpack.packb([1, int(Kind.RESULTS), [[[1, 0, 0, 0.0]]]])],
-        [msgpack.packb([1, int(Kind.LOST), [{"worker": b"x", "how": "?"}]])],
-        [msgpack.packb([1, int(Kind.TASKS), [[[1, key, 1, 1]]]]), b"fn"],  # lies too
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.RESULTS), [[[1, 0, 0, 0.0]]]])],
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.LOST), [{"worker": b"x", "how": "?"}]])],
+        [msgpack.packb([protocol.PROTOCOL_VERSION, int(Kind.TASKS), [[[1, key, 1, 1]]]]), b"fn"],  # lies too
     ]
     before = status(shared_address).get("malformed", 0)
     ctx, sock = dealer(shared_address, keys=client_keys())

@@ -202,6 +202,16 @@ def test_stop_ends_every_kind_of_running_task(task):
         _pool_size_kept(ex)
 
 
+def test_a_lone_timed_task_on_an_idle_pool_is_stopped():
+    """The submitting thread sends a task to an idle worker itself; the I/O thread,
+    asleep with no timer, must still learn of the limit. (Before: never stopped.)"""
+    with farpool.Executor("processes", max_workers=2) as ex:
+        _pool_size_kept(ex)
+        future = ex.options(timeout=LIMIT).submit(sleep_forever)
+        with pytest.raises(farpool.TaskTimeout):
+            future.result(timeout=10)
+
+
 def test_a_stopped_task_runs_its_finally_blocks(tmp_path):
     marker = tmp_path / "finally"
     with farpool.Executor("processes", max_workers=1) as ex:
@@ -338,3 +348,64 @@ def test_ending_workers_of_an_idle_or_healed_pool_does_not_raise(method):
         getattr(ex, method)()
     with farpool.ProcessPoolExecutor(max_workers=1) as ex:
         getattr(ex, method)()  # nothing ever ran
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------
+CTRL_C_SCRIPT = """
+import os, sys, time, farpool
+
+def pid():
+    time.sleep(0.3)  # so the two calls run on the two workers
+    return os.getpid()
+
+def stubborn():
+    while True:
+        try:
+            time.sleep(100)
+        except BaseException:
+            pass
+
+if __name__ == "__main__":
+    if sys.argv[1] == "with":
+        with farpool.Executor("processes", max_workers=2) as ex:
+            print(sorted({f.result() for f in [ex.submit(pid) for _ in range(2)]}), flush=True)
+            ex.submit(stubborn)
+            list(ex.map(time.sleep, [100] * 10))
+    else:  # no with block: the program ends on the KeyboardInterrupt
+        ex = farpool.Executor("processes", max_workers=2)
+        print(sorted({f.result() for f in [ex.submit(pid) for _ in range(2)]}), flush=True)
+        ex.submit(stubborn)
+        list(ex.map(time.sleep, [100] * 10))
+"""
+
+
+@pytest.mark.parametrize("shape", ["with", "bare"])
+def test_ctrl_c_during_a_long_map_exits_at_once_and_leaves_no_worker(shape, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the whole process group, client and workers.
+    The workers ignore it; the client's KeyboardInterrupt cancels the queue and stops
+    the running tasks (one of them swallows every exception: it is killed after 1 s).
+    Before: the with block (or the exit) waited for every task, 100 s each."""
+    import ast
+    import subprocess
+    import sys
+
+    script = tmp_path / "long_map.py"
+    script.write_text(CTRL_C_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), shape], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        workers = ast.literal_eval(proc.stdout.readline())
+        assert len(workers) == 2
+        time.sleep(0.5)  # inside the map
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(10)
+        assert time.monotonic() - started < 3.0
+        assert "KeyboardInterrupt" in proc.stderr.read()
+        assert _gone(workers, within=1.0), "a worker process outlived its client"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()

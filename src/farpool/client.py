@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 from .backends import open_backend
 from .backends.base import ControlledBackend, LocalBackend
@@ -370,6 +370,22 @@ class Executor(concurrent.futures.Executor):
         for future in waiting:
             future.cancel()
         end(signum)
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
+        """As the stdlib's ``with`` block: shutdown(wait=True). Except on Ctrl-C (a
+        KeyboardInterrupt leaving the block): queued tasks are cancelled and running
+        ones stopped (on processes: interrupted, killed after 1 s) instead of waited
+        for."""
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            root = self._root
+            root.shutdown(wait=False, cancel_futures=True)
+            interrupt = getattr(root._backend, "interrupt", None)
+            if interrupt is not None:
+                interrupt()
+                root._backend.shutdown(True, True)  # what runs is being stopped
+            return False
+        self.shutdown(wait=True)
+        return False
 
     @property
     def _broken(self) -> str | bool:

@@ -9,12 +9,15 @@ its non-daemon threads, asks each to close without cancelling and waits for it.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from typing import Protocol
 
 # Each loop is waited for at most this long at exit (its workers get their own grace).
 EXIT_JOIN_SECONDS = 20.0
+# After Ctrl-C: the grace running tasks get (pool.INTERRUPT_GRACE), and a little more.
+INTERRUPTED_JOIN_SECONDS = 2.0
 
 
 class ClosableLoop(Protocol):
@@ -51,10 +54,17 @@ def _at_exit() -> None:
     global _exiting
     _exiting = True
     loops = list(_live)
+    # The program ends on Ctrl-C (an uncaught KeyboardInterrupt, which the interpreter
+    # has printed and kept as sys.last_value): stop, do not wait for the work.
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
     for loop in loops:
-        loop.request_close(cancel=False)
+        interrupt = getattr(loop, "interrupt", None)
+        if interrupted and interrupt is not None:
+            interrupt()
+        else:
+            loop.request_close(cancel=interrupted)
     for loop in loops:
-        loop.join(EXIT_JOIN_SECONDS)
+        loop.join(INTERRUPTED_JOIN_SECONDS if interrupted else EXIT_JOIN_SECONDS)
 
 
 def _install() -> None:

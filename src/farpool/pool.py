@@ -46,10 +46,12 @@ from .dispatch import Dispatcher, Task, WorkerSlot
 from .errors import unpickling_failed
 from .io_thread import IOThread
 from .protocol import ByeReason, Kind, Status
-from .task_control import TaskControl
+from .task_control import INTERRUPT_GRACE, TaskControl
 
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
+# A stop request for every running task (Ctrl-C); its grace is INTERRUPT_GRACE.
+STOP_ALL = object()
 log = logging.getLogger("farpool.pool")
 
 
@@ -177,6 +179,7 @@ class PoolIO(IOThread):
         self.deferred: deque[tuple[bytes, protocol.Message]] = deque()  # see receive
         # Time limits and stops (task_control): what the loop's timer looks at.
         self.control = TaskControl()
+        self.timers_changed = False  # see needs_io_thread
         self.stop_requests: deque[tuple[Any, float]] = deque()  # (future, grace) from stop()
         self.handlers: dict[Kind, Callable[[bytes, protocol.Message], None]] = {
             Kind.HELLO: self.on_hello,
@@ -270,14 +273,23 @@ class PoolIO(IOThread):
             self.take_freed()  # a fast thread worker has answered already
         return True
 
+    def interrupt(self) -> None:
+        """Ctrl-C, or the program ending on it (see exit_hooks): cancel the queued
+        tasks, stop the running ones within INTERRUPT_GRACE (where the kind of pool
+        can), and close."""
+        self.request_close(True)
+        self.request_stop(STOP_ALL, INTERRUPT_GRACE)
+
     def request_stop(self, future: Any, grace: float) -> None:
         """From a caller: stop the running task of ``future`` (see task_control)."""
         self.stop_requests.append((future, grace))
         self.wake()
 
     def needs_io_thread(self) -> bool:
+        # timers_changed: a caller's send started a time limit, which the I/O thread,
+        # asleep in a poll with no timeout, must start waiting for.
         return bool(self.closing or self.inbox or self.dispatcher.queued or self.deferred
-                    or self.may_have_input())
+                    or self.timers_changed or self.may_have_input())
 
     def may_have_input(self) -> bool:
         """Is input waiting on the router (that a send may have hidden from poll)?"""
@@ -322,6 +334,7 @@ class PoolIO(IOThread):
         clock = time.monotonic
         while True:
             timeout: int | None = 100 if self.closing else None
+            self.timers_changed = False
             if control:  # a time limit or a grace runs: wake up when it is over
                 due = control.next_due()
                 if due is not None:

@@ -36,7 +36,7 @@ from .dispatch import Task, WorkerSlot, plan_loss, task_label
 from .errors import ProcessPoolBroken, TaskStopped, TaskTimeout, WorkerLost
 from .futures import new_future
 from .main_script import MainScript, client_script
-from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
+from .pool import _INIT_FAILED, STOP_ALL, LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind, Status
 from .respawn import StartFailures
 from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
@@ -84,6 +84,10 @@ class ProcessPool(LocalPool):
             return False
         self._io.request_stop(future, grace)
         return True
+
+    def interrupt(self) -> None:
+        """Ctrl-C (see Executor.__exit__): cancel what is queued, stop what runs."""
+        self._io.interrupt()
 
     def end_workers(self, signum: int) -> None:
         """Python 3.14's terminate_workers and kill_workers: shut down without waiting,
@@ -205,6 +209,7 @@ class ProcessPoolIO(PoolIO):
                     # On a free slot (never ahead, see Dispatcher): it runs from now.
                     self.control.began(task, worker.worker_id, options.timeout,
                                        options.stop_grace(), time.monotonic())
+                    self.timers_changed = True
         return len(going) < len(batch)
 
     def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
@@ -262,6 +267,9 @@ class ProcessPoolIO(PoolIO):
         now = time.monotonic()
         while self.stop_requests:
             future, grace = self.stop_requests.popleft()
+            if future is STOP_ALL:
+                self.stop_all(grace, now)
+                continue
             found = self.find_held(future)
             if found is None:
                 self.stop_queued(future)
@@ -270,6 +278,16 @@ class ProcessPoolIO(PoolIO):
             proc = self.procs.get(worker_id)
             if proc is not None:
                 self.control.stop(task, worker_id, grace, now)
+                proc.interrupt(task.task_id)
+
+    def stop_all(self, grace: float, now: float) -> None:
+        """Stop the task each worker runs, or begins next (it skips it at its start).
+        What was handed ahead behind it is short by construction (see Dispatcher)."""
+        for worker in self.dispatcher.workers.values():
+            proc = self.procs.get(worker.worker_id)
+            task = next(iter(worker.held.values()), None)
+            if proc is not None and task is not None:
+                self.control.stop(task, worker.worker_id, grace, now)
                 proc.interrupt(task.task_id)
 
     def find_held(self, future: Any) -> tuple[bytes, Task] | None:

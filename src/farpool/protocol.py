@@ -40,7 +40,7 @@ import zmq
 
 from ._errors import ProtocolError, VersionMismatch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: time limits and stops (STOP, INTERRUPT, TIMED_OUT, STOPPED)
 # A header is small; anything larger is garbage or an attack.
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 # Largest message a network-facing socket accepts (ZMQ_MAXMSGSIZE, per frame).
@@ -59,6 +59,8 @@ class Kind(enum.IntEnum):
     STATUS = 9
     STATUS_REPLY = 10
     LOST = 11
+    STOP = 12  # client -> scheduler: [[task ids], grace]: stop these tasks (Executor.stop)
+    INTERRUPT = 13  # scheduler -> supervisor: [worker id, task id, kill]: a stop's two steps
 
 
 class PeerRole(str, enum.Enum):
@@ -108,6 +110,8 @@ class Status(enum.IntEnum):
     LOST = 2  # payload: utf-8 message; the worker died under the task
     REJECTED = 3  # payload: utf-8 message; the scheduler refused the task
     CANCELLED = 4  # no payload; the scheduler dropped the queued task when asked
+    TIMED_OUT = 5  # payload: utf-8 message; it ran past its time limit and was stopped
+    STOPPED = 6  # payload: utf-8 message; Executor.stop stopped it while it ran
 
 
 class TaskEntry(NamedTuple):
@@ -152,18 +156,35 @@ class SendableTask(Protocol):
     frames: list[Any]
 
 
-def encode_tasks(tasks: Iterable[SendableTask], needs: Callable[[bytes], bool]) -> list[Any]:
+def encode_tasks(tasks: Iterable[SendableTask], needs: Callable[[bytes], bool], *,
+                 with_options: bool = False) -> list[Any]:
     """The TASKS message for ``tasks``: a function's blob rides along only where
-    ``needs(fn_key)`` says the receiver does not hold it yet."""
+    ``needs(fn_key)`` says the receiver does not hold it yet. ``with_options`` (a
+    client to its scheduler): each task's ``options`` (task_control.TaskOptions), for
+    those that have some, as a second body item of TaskLimits entries."""
     entries: list[list[Any]] = []
     frames: list[Any] = []
+    limits: list[list[Any]] = []
     for task in tasks:
         with_fn = needs(task.fn_key)
         entries.append([task.task_id, task.fn_key, int(with_fn), len(task.frames)])
         if with_fn:
             frames.append(task.fn_blob)
         frames.extend(task.frames)
-    return encode(Kind.TASKS, [entries], frames)
+        if with_options:
+            options = getattr(task, "options", None)
+            if options is not None:
+                limits.append([task.task_id, options.timeout, options.grace, options.retries])
+    return encode(Kind.TASKS, [entries, limits] if limits else [entries], frames)
+
+
+class TaskLimits(NamedTuple):
+    """Per-task options a client gave (``Executor.options``), in a TASKS body."""
+
+    task_id: int
+    timeout: float | None
+    grace: float | None
+    retries: int | None
 
 
 _Entry = TypeVar("_Entry", TaskEntry, ResultEntry)
@@ -300,6 +321,7 @@ def _entries(body: list[Any], what: str) -> list[Any]:
 def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
     entries = []
     total = 0
+    limits = _check_limits(body.pop()) if len(body) == 2 else None
     for raw in _entries(body, "TASKS"):
         if type(raw) is not list or len(raw) != 4:
             raise ProtocolError(f"bad task entry {raw!r:.80}")
@@ -314,7 +336,49 @@ def _check_tasks(body: list[Any], nframes: int) -> list[Any]:
         entries.append(_new_tuple(TaskEntry, raw))
     if total != nframes:
         raise ProtocolError(f"TASKS header counts {total} frames, message has {nframes}")
-    return [entries]
+    return [entries] if limits is None else [entries, limits]
+
+
+def _seconds_or_none(value: Any, what: str, *, zero_ok: bool) -> float | None:
+    if value is None:
+        return None
+    if (type(value) is not float and type(value) is not int) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero_ok) or value > MAX_SECONDS:
+        raise ProtocolError(f"{what} is not a number of seconds in range: {value!r:.40}")
+    return float(value)
+
+
+def _check_limits(raw_limits: Any) -> dict[int, TaskLimits]:
+    """The TaskLimits of a TASKS body, by task id."""
+    if type(raw_limits) is not list:
+        raise ProtocolError("TASKS limits are not a list")
+    limits: dict[int, TaskLimits] = {}
+    for raw in raw_limits:
+        if type(raw) is not list or len(raw) != 4:
+            raise ProtocolError(f"bad task limits {raw!r:.80}")
+        task_id = _int(raw[0], "task id")
+        retries = raw[3]
+        if retries is not None and (type(retries) is not int or not 0 <= retries <= MAX_RETRIES):
+            raise ProtocolError(f"task retries out of range: {retries!r:.40}")
+        limits[task_id] = TaskLimits(task_id, _seconds_or_none(raw[1], "timeout", zero_ok=False),
+                                     _seconds_or_none(raw[2], "grace", zero_ok=True), retries)
+    return limits
+
+
+def _check_stop(body: list[Any], nframes: int) -> list[Any]:
+    if len(body) != 2 or type(body[0]) is not list:
+        raise ProtocolError("STOP body is not [[task ids], grace]")
+    ids = [_int(t, "task id") for t in body[0]]
+    grace = _seconds_or_none(body[1], "grace", zero_ok=True)
+    _no_frames("STOP", nframes)
+    return [ids, 0.0 if grace is None else grace]
+
+
+def _check_interrupt(body: list[Any], nframes: int) -> list[Any]:
+    if len(body) != 3 or type(body[0]) is not bytes or type(body[2]) is not bool:
+        raise ProtocolError("INTERRUPT body is not [worker id, task id, kill]")
+    _no_frames("INTERRUPT", nframes)
+    return [body[0], _int(body[1], "task id"), body[2]]
 
 
 def _check_results(body: list[Any], nframes: int) -> list[Any]:
@@ -402,6 +466,8 @@ def _field(info: dict[str, Any], key: str, types: tuple[type, ...], default: Any
 # queue (slots), rerun a task without end (retries), or outlive every deadline.
 MAX_SLOTS = 1024
 MAX_RETRIES = 100
+# The longest time limit or grace the wire takes (about 115 days).
+MAX_SECONDS = 1e7
 MAX_HEARTBEAT = 3600.0
 MAX_NAME = 255
 
@@ -493,6 +559,8 @@ _VALIDATORS = {
     Kind.STATUS: _check_empty,
     Kind.STATUS_REPLY: _check_info,
     Kind.LOST: _check_lost,
+    Kind.STOP: _check_stop,
+    Kind.INTERRUPT: _check_interrupt,
 }
 
 

@@ -44,8 +44,10 @@ from .log_limit import OncePerSecond
 from .protocol import ByeReason, Kind, PeerRole, Status
 from .rejoin import Reclaims, task_key
 from .scheduler_peers import REJOIN, Peer, PeerUpkeep
+from .scheduler_stops import TaskStops, options_of
 from .security.auth import user_id
 from .status_report import status_report, totals_report
+from .task_control import TaskControl
 
 log = logging.getLogger("farpool.scheduler")
 
@@ -56,7 +58,7 @@ MAX_SLOTS = 1024
 MAX_PEER_HEARTBEAT = 60.0  # seconds; a longer one claimed in a HELLO is ignored
 
 
-class Scheduler(PeerUpkeep):
+class Scheduler(PeerUpkeep, TaskStops):
     """One scheduler on ``address``. ``run()`` serves until ``stop()`` is called (from
     any thread or a signal handler); ``close()`` frees the sockets.
 
@@ -74,6 +76,7 @@ class Scheduler(PeerUpkeep):
         self.session = secrets.token_hex(8)
         self.started = time.time()
         self.dispatcher = Dispatcher()
+        self.control = TaskControl()  # time limits and stops (scheduler_stops)
         self.peers: dict[bytes, Peer] = {}
         self.worker_fns: dict[bytes, SentFunctions] = {}
         self.reclaims = Reclaims()  # what a restart (or a reconnection) keeps
@@ -119,6 +122,7 @@ class Scheduler(PeerUpkeep):
             Kind.BYE: self.on_bye,
             Kind.LOST: self.on_lost,
             Kind.STATUS: self.on_status,
+            Kind.STOP: self.on_stop,
         }
 
     # -- control -------------------------------------------------------------------
@@ -146,12 +150,19 @@ class Scheduler(PeerUpkeep):
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         next_check = time.monotonic() + self.heartbeat
+        control = self.control
         while not self._stop.is_set():
-            if poller.poll(100):
+            wait_ms = 100
+            due = control.next_due() if control else None
+            if due is not None:
+                wait_ms = min(wait_ms, int(max(0.0, due - time.monotonic()) * 1000) + 1)
+            if poller.poll(wait_ms):
                 self.receive()
                 self.flush_results()
                 self.dispatch()
             now = time.monotonic()
+            if control:
+                self.act_on_timers(now)
             if self._drain_seconds is not None and self.drained(now):
                 return
             if now >= next_check:
@@ -316,6 +327,7 @@ class Scheduler(PeerUpkeep):
         if peer.role != PeerRole.CLIENT:
             raise protocol.ProtocolError(f"TASKS from a {peer.role}")
         rejected: list[tuple[int, str]] = []
+        limits: dict[int, protocol.TaskLimits] = msg.body[1] if len(msg.body) > 1 else {}
         for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             resolved = peer.fns.resolve(entry, payload)
             if isinstance(resolved, str):
@@ -329,6 +341,8 @@ class Scheduler(PeerUpkeep):
             blob, args = resolved
             task = Task(task_key(peer.key, identity, entry.task_id), entry.fn_key, blob, args,
                         client=identity, context=(identity, peer.epoch, entry.task_id))
+            if entry.task_id in limits:
+                task.options = options_of(limits[entry.task_id])
             peer.tasks[entry.task_id] = task
             if peer.resumed and time.monotonic() < self.rejoin_until:
                 # Just restarted: worker hosts that may run it still have yet to say so.
@@ -357,6 +371,8 @@ class Scheduler(PeerUpkeep):
             task = finished(identity, entry.task_id, entry.duration)
             if task is None:  # of a task it ran before a restart, or we gave it up for lost
                 self.unclaimed(entry.task_id, entry.status, payload, entry.duration)
+                continue
+            if self.control and self.stopped_result(task, entry):
                 continue
             self.route(task, entry.status, payload, entry.duration)
 
@@ -454,6 +470,7 @@ class Scheduler(PeerUpkeep):
         for worker, batch in self.dispatcher.assign():
             needs = self.worker_fns[worker.worker_id].needs
             self.send(worker.worker_id, protocol.encode_tasks(batch, needs))
+            self.began(worker.worker_id, batch)
 
     def send(self, identity: bytes, msg: list[Any]) -> None:
         try:

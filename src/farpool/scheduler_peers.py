@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .dispatch import Dispatcher
     from .key_policy import KeyPolicy
     from .rejoin import Reclaims
+    from .task_control import TaskControl, Watch
 
 log = logging.getLogger("farpool.scheduler")
 
@@ -88,6 +89,12 @@ class PeerUpkeep:
         def route(self, task: Task, status: int, payload: list[Any], duration: float) -> None: ...
         def refuse(self, identity: bytes, reason: str) -> None: ...
         def submit(self, task: Task) -> None: ...
+        control: TaskControl
+
+        def end_stopped(self, task: Task, error: BaseException, duration: float = 0.0
+                        ) -> None: ...
+        def stopped_loss(self, watches: dict[int, Watch], task: Task) -> BaseException | None: ...
+        def stop_means_no_retry(self, watches: dict[int, Watch], task: Task) -> bool: ...
 
     # -- peers leaving -------------------------------------------------------------
     def forget(self, peer: Peer, why: str, *, orderly: bool = False) -> None:
@@ -134,13 +141,23 @@ class PeerUpkeep:
         # Resubmissions waiting for a rejoined worker ran on it before what it holds now.
         held = self.reclaims.worker_lost(worker.identity)
         held += self.dispatcher.remove_worker(worker.identity)
-        self.apply_loss(held, record, how)
+        self.apply_loss(held, record, how, self.control.lost(worker.identity))
 
     def apply_loss(self, held: list[Task], record: tuple[int | None, int | None] | None,
-                   how: str) -> None:
-        """Fail, retry or requeue what a lost worker held, as ``plan_loss`` decides."""
-        plan = plan_loss(held, record, self.retries_for)
+                   how: str, watches: dict[int, Watch] | None = None) -> None:
+        """Fail, retry or requeue what a lost worker held, as ``plan_loss`` decides.
+        ``watches``: its tasks under a time limit or being stopped (scheduler_stops)."""
+        watches = watches or {}
+
+        def retries_for(task: Task) -> int:
+            return 0 if self.stop_means_no_retry(watches, task) else self.retries_for(task)
+
+        plan = plan_loss(held, record, retries_for)
         for task in plan.failed_running:
+            stopped = self.stopped_loss(watches, task) if watches else None
+            if stopped is not None:
+                self.end_stopped(task, stopped)
+                continue
             self.route(task, Status.LOST, [f"{how} while running the task".encode()], 0.0)
         for task in plan.failed_unreported:
             self.route(task, Status.LOST, [f"{how} before it reported the result".encode()], 0.0)
@@ -149,10 +166,16 @@ class PeerUpkeep:
         log.warning("%s; %d task(s) failed, %d requeued", how, failed, len(plan.requeue))
 
     def retries_for(self, task: Task) -> int:
-        """How often a task may run again after its worker died: its client's choice
-        (none if the client is gone: no one waits for it)."""
+        """How often a task may run again after its worker died or its time ran out:
+        its own options', else its client's choice (none if the client is gone: no
+        one waits for it)."""
         client = self.peers.get(task.context[0])
-        return client.retries if client is not None else 0
+        if client is None:
+            return 0
+        options = task.options
+        if options is not None and options.retries is not None:
+            return int(options.retries)
+        return client.retries
 
     def check_liveness(self, now: float) -> None:
         if self.held_back and now >= self.rejoin_until:

@@ -24,11 +24,13 @@ from typing import Any
 
 from .errors import TaskStopped, TaskTimeout
 
-__all__ = ["DEFAULT_GRACE", "TaskControl", "TaskOptions", "Watch", "check_task_options",
+__all__ = ["DEFAULT_GRACE", "INTERRUPT_GRACE", "TaskControl", "TaskOptions", "Watch", "check_task_options",
            "outcome_of"]
 
 # Seconds a stopped task has between the soft stop and the kill, unless told.
 DEFAULT_GRACE = 3.0
+# The grace of the running tasks Ctrl-C stops (and terminate_workers on the daemons).
+INTERRUPT_GRACE = 1.0
 TIMED_OUT = "timeout"
 STOPPED = "stopped"
 
@@ -48,7 +50,9 @@ class TaskOptions:
 def _seconds(name: str, value: Any, *, zero_ok: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+    from .protocol import MAX_SECONDS
+
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok) or value > MAX_SECONDS:
         wanted = "zero or more" if zero_ok else "more than zero"
         raise ValueError(f"{name} must be a finite number of seconds, {wanted}, not {value!r}")
     return float(value)
@@ -157,26 +161,29 @@ class TaskControl:
         return gone
 
 
-def outcome_of(watch: Watch | None, ran: float | None, *, died: bool = False
-               ) -> BaseException | None:
+def outcome_of(watch: Watch | None, ran: float | None, *, died: bool = False,
+               who: str | None = None) -> BaseException | None:
     """The error a watched task's future fails with, or None when its own outcome
     stands: it was never stopped, or it returned within its limit (``ran``: the run
     time its worker measured for a result, not an error; the result was on the way
     when the limit ran out).
-    ``died``: its worker is gone (killed after the grace, or died on its own)."""
+    ``died``: its worker is gone (killed after the grace, or died on its own).
+    ``who``: how the message names the task (default "task ID (LABEL)"; the
+    scheduler gives "" and its client names the task by its own id)."""
     if watch is None or watch.why is None:
         return None
     task = watch.task
+    if who is None:
+        who = f"task {task.task_id} ({task.label}) "
     if watch.why == TIMED_OUT:
         if not died and ran is not None and watch.limit is not None and 0 <= ran <= watch.limit:
             return None
         how = _how_stopped(watch, died, killed="was killed with its worker after a grace of "
                            f"{watch.grace:g} s", interrupted="was interrupted")
-        return TaskTimeout(f"task {task.task_id} ({task.label}) ran past its time limit of "
-                           f"{watch.limit:g} s and {how}")
+        return TaskTimeout(f"{who}ran past its time limit of {watch.limit:g} s and {how}")
     how = _how_stopped(watch, died, killed=f"its worker was killed after a grace of "
                        f"{watch.grace:g} s", interrupted="it was interrupted")
-    return TaskStopped(f"task {task.task_id} ({task.label}) was stopped while running: {how}")
+    return TaskStopped(f"{who}was stopped while running: {how}")
 
 
 def _how_stopped(watch: Watch, died: bool, *, killed: str, interrupted: str) -> str:

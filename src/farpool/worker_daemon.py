@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -255,10 +256,26 @@ class Node:
         self.session = session
         self.welcomed = True
 
+    def on_interrupt(self, msg: protocol.Message) -> None:
+        """The scheduler stops a task (its time limit ran out, or its client asked):
+        first the soft stop, then, if it still runs, the kill. The process's death is
+        then reported (LOST) as any other, and the scheduler words the task's end."""
+        worker_id, task_id, kill = msg.body
+        proc = self.procs.get(worker_id)
+        if proc is None:
+            return  # it has exited: its LOST is on the way
+        if kill and proc.running_and_done()[0] == task_id:
+            log.info("killing worker process %s: task %s still runs after its grace",
+                     proc.pid, task_id)
+            proc.signal(signal.SIGKILL)
+        else:  # the soft stop (or a kill for a task not begun: it skips it at its start)
+            proc.interrupt(task_id)
+
     handlers: dict[Kind, Callable[[Node, protocol.Message], None]] = {
         Kind.WELCOME: on_welcome,
         Kind.REFUSE: on_refuse,
         Kind.BYE: on_bye,
+        Kind.INTERRUPT: on_interrupt,
     }
 
     # -- worker processes ------------------------------------------------------------

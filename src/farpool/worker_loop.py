@@ -412,18 +412,18 @@ def hello(sock: zmq.Socket, info: dict[str, Any]) -> None:
     sock.send_multipart(protocol.encode(Kind.HELLO, [info]))
 
 
-def _leave_stop_signals_to_the_supervisor() -> None:
-    """A daemon's worker: SIGTERM and SIGINT sent to the whole process group (systemd's
-    KillMode=control-group, scancel, Ctrl-C) do not stop the task; the supervisor
-    drains, then ends this process through its control socket. A Python handler that
-    does nothing, not SIG_IGN: an ignored signal would stay ignored in programs the
-    task starts, and those must stay stoppable. Forked children get the defaults back."""
-    import signal
+def _leave_stop_signals_to_the_supervisor(daemon: bool) -> None:
+    """SIGINT sent to the whole process group (Ctrl-C in a terminal) does not stop the
+    task: the client decides what Ctrl-C stops. A daemon's worker leaves SIGTERM to its
+    supervisor too (systemd's KillMode=control-group, scancel), which drains, then ends
+    this process through its control socket. A Python handler that does nothing, not
+    SIG_IGN: an ignored signal would stay ignored in programs the task starts, and those
+    must stay stoppable. Forked children get the defaults back."""
 
     def carry_on(signum: int, frame: Any) -> None:
         pass
 
-    stops = (signal.SIGTERM, signal.SIGINT)
+    stops = (signal.SIGTERM, signal.SIGINT) if daemon else (signal.SIGINT,)
     for sig in stops:
         signal.signal(sig, carry_on)
 
@@ -497,8 +497,7 @@ def _process_main() -> int:
             comm.write("farpool-worker")
     except OSError:
         pass
-    if config.get("stop_signals") == "supervisor":
-        _leave_stop_signals_to_the_supervisor()
+    _leave_stop_signals_to_the_supervisor(config.get("stop_signals") == "supervisor")
     package = sys.modules["farpool"]
     if "__version__" not in vars(package) and "version" in config:
         package.__version__ = config["version"]  # type: ignore[attr-defined]  # for HELLO, without loading the package

@@ -14,8 +14,9 @@ says it is gone) fails the pending futures with ``SchedulerLost``: never a hang.
 Futures stay pending until their result arrives (the client cannot see when a
 remote worker starts a task), so ``Future.cancel()`` succeeds on any unfinished
 task: the scheduler drops it if still queued; a worker already holding it runs it
-and the result is thrown away. ``shutdown(cancel_futures=True)`` asks the scheduler
-which tasks are still queued and cancels exactly those, as the stdlib does.
+and the result is thrown away (``Executor.stop`` stops it: the scheduler has its
+worker host interrupt it). ``shutdown(cancel_futures=True)`` asks the scheduler which
+tasks are still queued and cancels exactly those, as the stdlib does.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import secrets
 import select
-import socket
-import sys
+import signal
 import threading
 import time
 import traceback
@@ -44,56 +43,31 @@ from ..call_packing import CallPacker
 from ..dispatch import task_label
 from ..errors import (
     InitializerFailed,
+    ProcessPoolBroken,
     ProtocolError,
     SchedulerLost,
     SecurityError,
     VersionMismatch,
-    WorkerLost,
-    unpickling_failed,
 )
 from ..futures import new_future
 from ..io_thread import IOThread
 from ..key_policy import KEY_REFUSAL
 from ..liveness import ReconnectWindow, heartbeat_limit, silent_too_long
 from ..protocol import ByeReason, Kind, PeerRole, Status
+from ..task_control import INTERRUPT_GRACE, TaskOptions
 from .options import check_initializer, check_max_workers, check_retries
+from .remote_connect import LIVENESS, connect, default_name
+from .remote_outcomes import settle
 
 log = logging.getLogger("farpool.remote")
 
 DEFAULT_HEARTBEAT = 1.0
-LIVENESS = 5  # missed heartbeats before the scheduler counts as gone
+
 MAX_BATCH = 1000  # tasks per TASKS message
 
 
-def settle(task: _Pending, status: int, payload: list[Any]) -> BaseException | None:
-    """Give ``task``'s future the outcome the scheduler sent; the exception it got, if
-    any. A task the scheduler could not run (LOST, REJECTED) fails with its reason."""
-    future = task.future
-    if status == Status.CANCELLED:
-        future.cancel()  # its done callback wakes the waiters
-        return None
-    if future.cancelled() or not future.set_running_or_notify_cancel():
-        return None
-    try:
-        if status == Status.OK:
-            future.set_result(serialize.loads(payload))
-            return None
-        if status == Status.ERROR:
-            exc = serialize.load_exception(payload)
-        else:
-            text = bytes(getattr(payload[0], "buffer", payload[0])).decode(errors="replace") \
-                if payload else "no detail"
-            kind = WorkerLost if status == Status.LOST else ProtocolError
-            exc = kind(f"{text} (task {task.task_id}: {task.label})")
-    except BaseException as error:  # noqa: BLE001 - an unreadable result
-        what = "result" if status == Status.OK else "exception"
-        exc = unpickling_failed(f"the {what} of task {task.task_id} ({task.label})", error)
-    future.set_exception(exc)
-    return exc
-
-
 class _Pending:
-    __slots__ = ("task_id", "fn_key", "fn_blob", "frames", "future", "label")
+    __slots__ = ("task_id", "fn_key", "fn_blob", "frames", "future", "label", "options")
 
     def __init__(self, task_id: int, fn_key: bytes, fn_blob: bytes, frames: list[Any],
                  future: Future, label: str) -> None:
@@ -103,6 +77,7 @@ class _Pending:
         self.frames = frames
         self.future = future
         self.label = label
+        self.options: TaskOptions | None = None  # from Executor.options (see scheduler_stops)
 
 
 class RemoteBackend:
@@ -121,6 +96,8 @@ class RemoteBackend:
     """
 
     chunks = True
+    # Time limits and stops are kept by the scheduler, carried out by the worker hosts.
+    task_options = frozenset(("timeout", "retries", "grace"))
 
     def __init__(self, address: str, *, max_workers: int | None = None, initializer: Any = None,
                  initargs: tuple[Any, ...] = (), retries: int = 0, key_file: Any = None,
@@ -158,7 +135,7 @@ class RemoteBackend:
         self._packer = CallPacker(initializer, tuple(initargs), ship_modules=ship_modules)
         self._io = _RemoteIO(address, curve=curve, retries=retries, heartbeat=float(heartbeat),
                              reconnect_timeout=float(reconnect_timeout),
-                             name=name or _default_name())
+                             name=name or default_name())
         self._io.start(float(connect_timeout))
         self._finalizer = weakref.finalize(self, _RemoteIO.request_close, self._io, False)
 
@@ -171,14 +148,39 @@ class RemoteBackend:
         broken = self._io.broken
         return type(broken) if isinstance(broken, BrokenExecutor) else SchedulerLost
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future:
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               options: TaskOptions | None = None) -> Future:
         future: Future = new_future()
         pending = self._make(fn, args, kwargs, future, None)
         if pending is not None:
+            pending.options = options
             self._io.post([pending])
         return future
 
-    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future]:
+    def stop(self, future: Future, grace: float) -> bool:
+        """Ask the scheduler to stop ``future``'s task: a queued one is cancelled, a
+        running one interrupted by its worker host, killed after ``grace``."""
+        if future.done():
+            return False
+        self._io.stops.append((future, grace))
+        self._io.wake()
+        return True
+
+    def interrupt(self) -> None:
+        """Ctrl-C (see Executor.__exit__): this client's queued tasks are cancelled,
+        its running ones stopped by their worker hosts (killed after 1 s)."""
+        self._io.stop_everything(INTERRUPT_GRACE, ended_by=None)
+
+    def end_workers(self, signum: int) -> None:
+        """terminate_workers / kill_workers on the daemons: this client's tasks only
+        (never another client's): queued ones cancelled, running ones stopped at once
+        (SIGKILL) or after 1 s (SIGTERM); their futures fail with ProcessPoolBroken."""
+        how = "kill_workers" if signum == signal.SIGKILL else "terminate_workers"
+        grace = 0.0 if signum == signal.SIGKILL else INTERRUPT_GRACE
+        self._io.stop_everything(grace, ended_by=how)
+
+    def submit_many(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]],
+                    options: TaskOptions | None = None) -> list[Future]:
         try:
             fn_pickle: Any = self._pickle(fn)
         except BaseException as exc:  # noqa: BLE001 - each future carries it
@@ -189,6 +191,7 @@ class RemoteBackend:
             pending = self._make(fn, args, {}, future, fn_pickle)
             futures.append(future)
             if pending is not None:
+                pending.options = options
                 batch.append(pending)
         if batch:
             self._io.post(batch)
@@ -224,36 +227,6 @@ class RemoteBackend:
         return {"pending": unfinished, "unfinished": unfinished, "connected": self._io.welcomed}
 
 
-def _default_name() -> str:
-    """``script.py@host:pid``: what an operator can tell a client by."""
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if not script or script in ("-c", "-m", "__main__.py"):
-        script = "python"
-    return f"{script}@{socket.gethostname()}:{os.getpid()}"[:200]
-
-
-def _connect(ctx: zmq.Context, address: str, heartbeat: float,
-             curve: Any) -> tuple[zmq.Socket, zmq.Socket]:
-    """The DEALER to the scheduler, and a monitor of its handshakes: a refused key, or
-    keys on one side only, is an error at once instead of silence."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 1000
-    sock.identity = b"c" + secrets.token_hex(8).encode()
-    sock.sndhwm = sock.rcvhwm = 0
-    sock.maxmsgsize = protocol.DEFAULT_MAX_MESSAGE_BYTES
-    ms = int(heartbeat * 1000)
-    sock.heartbeat_ivl = ms
-    sock.heartbeat_timeout = ms * LIVENESS
-    from ..security import configure_client, watch_handshakes
-
-    if curve is not None:
-        server_public, pair = curve
-        configure_client(sock, pair, server_public)
-    monitor = watch_handshakes(sock)
-    sock.connect(address)
-    return sock, monitor
-
-
 class _RemoteIO(IOThread):
     """The I/O thread's state: the socket, the unfinished tasks, reconnection."""
 
@@ -269,6 +242,8 @@ class _RemoteIO(IOThread):
         self.heartbeat = heartbeat
         self.broken: BaseException | None = None
         self.cancels: deque[int] = deque()
+        self.stops: deque[tuple[Future | None, float]] = deque()  # Executor.stop: (future, grace)
+        self.ended_by: str | None = None  # terminate_workers or kill_workers, once called
         self.unfinished: dict[int, _Pending] = {}
         self.sent_fns = serialize.SentFunctions()
         self.welcomed = False
@@ -281,7 +256,7 @@ class _RemoteIO(IOThread):
         self.connected = threading.Event()
 
         self.ctx = zmq.Context()
-        self.sock, self.monitor = _connect(self.ctx, address, heartbeat, curve)
+        self.sock, self.monitor = connect(self.ctx, address, heartbeat, curve)
         from ..security import HandshakeVerdicts
 
         self.handshakes = HandshakeVerdicts()
@@ -445,11 +420,39 @@ class _RemoteIO(IOThread):
             cancels.extend(self.unfinished)
         if cancels and self.welcomed:
             self.send(protocol.encode(Kind.CANCEL, [cancels]))
+        if self.stops and self.welcomed:
+            # Cancelled here (a map's iterator cancels what it leaves) is not stopped
+            # there: a task a worker runs goes on; a stop of everything reaches it too.
+            self.take_stops(cancels)
+
+    def stop_everything(self, grace: float, ended_by: str | None) -> None:
+        """From a caller: cancel the queued tasks, stop the running ones, close."""
+        if self.closing and ended_by is not None and self.ended_by is not None:
+            return  # a second terminate_workers or kill_workers
+        self.ended_by = ended_by
+        self.stops.append((None, grace))
+        self.request_close(True)
+
+    def take_stops(self, cancelled: list[int] | None = None) -> None:
+        """Send Executor.stop's requests (kept while not connected: sent on WELCOME);
+        a future of None: every unfinished task, and those just ``cancelled``."""
+        by_grace: dict[float, list[int]] = {}
+        while self.stops:
+            future, grace = self.stops.popleft()
+            ids = by_grace.setdefault(grace, [])
+            ids.extend(tid for tid, task in self.unfinished.items()
+                       if future is None or task.future is future)
+            if future is None and cancelled:
+                ids.extend(cancelled)
+        for grace, ids in by_grace.items():
+            if ids:
+                self.send(protocol.encode(Kind.STOP, [ids, grace]))
 
     def send_tasks(self, tasks: list[_Pending]) -> None:
         needs = self.sent_fns.needs
         for start in range(0, len(tasks), MAX_BATCH):
-            self.send(protocol.encode_tasks(tasks[start : start + MAX_BATCH], needs))
+            self.send(protocol.encode_tasks(tasks[start : start + MAX_BATCH], needs,
+                                            with_options=True))
 
     def send(self, msg: list[Any]) -> None:
         protocol.send_frames(self.sock, msg)
@@ -509,6 +512,8 @@ class _RemoteIO(IOThread):
                         self.address, len(self.unfinished))
         if self.unfinished:
             self.send_tasks(list(self.unfinished.values()))
+        if self.stops:
+            self.take_stops()
 
     def on_results(self, msg: protocol.Message) -> None:
         for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
@@ -525,6 +530,11 @@ class _RemoteIO(IOThread):
     }
 
     def complete(self, task: _Pending, status: int, payload: list[Any]) -> None:
+        if status == Status.STOPPED and self.ended_by is not None:
+            # As Python 3.14's terminate_workers: a running task ends the pool's way.
+            self.fail(task, ProcessPoolBroken(f"task {task.task_id} ({task.label}) was "
+                                              f"running when {self.ended_by}() ended it"))
+            return
         exc = settle(task, status, payload)
         if isinstance(exc, InitializerFailed):
             self.break_with(exc)

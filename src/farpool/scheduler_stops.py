@@ -1,0 +1,112 @@
+"""The scheduler's time limits and stops: what ``task_control`` decides, sent out.
+
+The scheduler keeps each timed task's deadline (never the task's own process); a stop
+goes to the worker's supervisor, the `farpool worker` that owns its process::
+
+    client  --TASKS (limits)-->  scheduler: began() when a free worker gets the task
+    client  --STOP [ids]----->   scheduler: queued? CANCELLED; running? control.stop
+                                 due(): soft --INTERRUPT [worker, task, False]--> supervisor
+                                        kill --INTERRUPT [worker, task, True]---> supervisor
+    supervisor: interrupt (TaskInterrupted raised in the task) or SIGKILL; a death
+    comes back as LOST. The task's outcome goes to its client as TIMED_OUT or STOPPED
+    (a result that was on its way at the limit stands), or it is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import protocol
+from .dispatch import Task
+from .errors import TaskTimeout
+from .protocol import Kind, PeerRole, Status
+from .task_control import STOPPED, TaskControl, TaskOptions, Watch, outcome_of
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+    from .scheduler_peers import Peer
+
+log = logging.getLogger("farpool.scheduler")
+
+
+def options_of(limits: protocol.TaskLimits) -> TaskOptions:
+    return TaskOptions(timeout=limits.timeout, retries=limits.retries, grace=limits.grace)
+
+
+class TaskStops:
+    """Mixed into the Scheduler: the attributes below are the scheduler's."""
+
+    control: TaskControl
+    dispatcher: Dispatcher
+    peers: dict[bytes, Peer]
+
+    if TYPE_CHECKING:
+        def send(self, identity: bytes, msg: list[Any]) -> None: ...
+        def route(self, task: Task, status: int, payload: list[Any], duration: float) -> None: ...
+        def retries_for(self, task: Task) -> int: ...
+
+    def began(self, worker_id: bytes, batch: list[Task]) -> None:
+        """``batch`` went to ``worker_id``: the clocks of its timed tasks start (a timed
+        task goes only to a free slot, so it starts at once)."""
+        now = time.monotonic()
+        for task in batch:
+            options = task.options
+            if options is not None and options.timeout is not None:
+                self.control.began(task, worker_id, options.timeout, options.stop_grace(), now)
+
+    def on_stop(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
+        assert peer is not None
+        if peer.role != PeerRole.CLIENT:
+            raise protocol.ProtocolError(f"STOP from a {peer.role}")
+        ids, grace = msg.body
+        wanted = {peer.tasks[t].task_id for t in ids if t in peer.tasks}
+        for task in self.dispatcher.cancel(identity, wanted):
+            wanted.discard(task.task_id)
+            self.route(task, Status.CANCELLED, [], 0.0)
+        now = time.monotonic()
+        for worker_id, slot in self.dispatcher.workers.items():
+            for task_id in [t for t in slot.held if t in wanted]:
+                self.control.stop(slot.held[task_id], worker_id, grace, now)
+                self.interrupt(worker_id, task_id, kill=False)
+
+    def act_on_timers(self, now: float) -> None:
+        for action, watch in self.control.due(now):
+            self.interrupt(watch.worker_id, watch.task.task_id, kill=action == "kill")
+
+    def interrupt(self, worker_id: bytes, task_id: int, *, kill: bool) -> None:
+        worker = self.peers.get(worker_id)
+        owner = self.peers.get(worker.supervisor) if worker is not None else None
+        if owner is None or owner.role != PeerRole.SUPERVISOR:
+            log.warning("cannot stop task %s: worker %s has no supervisor to stop it",
+                        task_id, worker.name if worker is not None else worker_id.hex())
+            return
+        self.send(owner.identity, protocol.encode(Kind.INTERRUPT, [worker_id, task_id, kill]))
+
+    def stopped_result(self, task: Task, entry: protocol.ResultEntry) -> bool:
+        """A worker answered a watched task: True if the answer is a stop's (then the
+        task is retried or its client told), False if its own outcome stands."""
+        ran = entry.duration if entry.status == Status.OK else None
+        error = outcome_of(self.control.finished(task.task_id), ran, who="")
+        if error is None:
+            return False
+        self.end_stopped(task, error, entry.duration)
+        return True
+
+    def end_stopped(self, task: Task, error: BaseException, duration: float = 0.0) -> None:
+        if isinstance(error, TaskTimeout) and task.attempts < self.retries_for(task):
+            task.attempts += 1
+            self.dispatcher.requeue([task])
+            return
+        status = Status.TIMED_OUT if isinstance(error, TaskTimeout) else Status.STOPPED
+        self.route(task, status, [str(error).encode()], duration)
+
+    def stopped_loss(self, watches: dict[int, Watch], task: Task) -> BaseException | None:
+        """What a dead worker's watched task ends with (None: an ordinary loss)."""
+        return outcome_of(watches.get(task.task_id), None, died=True, who="")
+
+    @staticmethod
+    def stop_means_no_retry(watches: dict[int, Watch], task: Task) -> bool:
+        watch = watches.get(task.task_id)
+        return watch is not None and watch.why == STOPPED
