@@ -61,6 +61,22 @@ def test_a_time_limit_gives_a_soft_stop_then_a_kill_after_the_grace():
     assert not control
 
 
+def test_a_clock_starts_when_its_task_heads_the_workers_queue():
+    from farpool.task_control import TaskOptions
+
+    control = TaskControl()
+    plain, timed = _Task(1), _Task(2)
+    plain.options, timed.options = None, TaskOptions(timeout=2.0, grace=1.0)
+    held = {1: plain, 2: timed}  # the timed task was handed ahead, behind the plain one
+    control.head_began(b"w1", held, slots=1, now=10.0)
+    assert not control  # it waits behind task 1: its clock has not started
+    del held[1]  # task 1 answered
+    control.head_began(b"w1", held, slots=1, now=10.5)
+    assert control.next_due() == 12.5
+    control.head_began(b"w1", held, slots=1, now=11.0)  # again: the clock runs on
+    assert control.next_due() == 12.5
+
+
 def test_a_result_that_was_on_its_way_at_the_limit_stands():
     control = TaskControl()
     control.began(_Task(1), b"w1", limit=2.0, grace=3.0, now=0.0)
@@ -409,3 +425,97 @@ def test_ctrl_c_during_a_long_map_exits_at_once_and_leaves_no_worker(shape, tmp_
             proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+# -- asyncio ---------------------------------------------------------------------------
+def test_cancelling_run_async_stops_the_running_task():
+    """asyncio.wrap_future's cancellation leaves a running task running (the pool's one
+    worker stays busy); run_async's stops it, so the next task runs at once."""
+    import asyncio
+
+    async def main(ex):
+        task = asyncio.ensure_future(farpool.run_async(ex, sleep_forever, grace=GRACE))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        started = time.monotonic()
+        assert await farpool.run_async(ex, pid) > 0
+        return time.monotonic() - started
+
+    with farpool.Executor("processes", max_workers=1) as ex:
+        assert ex.submit(pid).result(timeout=30)
+        assert asyncio.run(main(ex)) < GRACE + 1.0
+        assert await_result_in_time_on_a_stdlib_pool()
+
+
+def await_result_in_time_on_a_stdlib_pool():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def main(ex):
+        return await asyncio.wait_for(farpool.run_async(ex, pow, 2, 10), 10)
+
+    with ThreadPoolExecutor(1) as ex:  # any executor: cancellation falls back to cancel()
+        return asyncio.run(main(ex)) == 1024
+
+
+# -- shutdown lets initializers finish -------------------------------------------------
+def _slow_init(path):
+    time.sleep(1.0)
+    with open(os.path.join(path, str(os.getpid())), "w") as f:
+        f.write("initialized")
+
+
+def test_shutdown_wait_lets_a_worker_finish_its_initializer(tmp_path):
+    """Before: of two workers starting a 1 s initializer, one was cut off by the with
+    block's end (the task needed only one). As the stdlib's pool, shutdown(wait=True)
+    lets both finish; only terminate_workers, kill_workers, a time limit or Ctrl-C
+    cut an initializer short."""
+    with farpool.Executor("processes", max_workers=2, initializer=_slow_init,
+                          initargs=(str(tmp_path),)) as ex:
+        assert ex.submit(pow, 2, 5).result(timeout=30) == 32
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["initialized"] * 2
+
+
+# -- worker_info ----------------------------------------------------------------------
+def info_of_worker():
+    return farpool.worker_info()
+
+
+def _record_rank(path):
+    info = farpool.worker_info()
+    with open(os.path.join(path, f"{info.pid}"), "w") as f:
+        f.write(str(info.rank))
+
+
+def test_worker_info_gives_each_process_a_rank_its_replacement_inherits(tmp_path):
+    """An initializer can pin a GPU or a core by its worker's rank (0..N-1); a
+    replacement for a dead worker takes the rank it leaves."""
+    assert farpool.worker_info() is None  # not in a worker
+    with farpool.Executor("processes", max_workers=2, initializer=_record_rank,
+                          initargs=(str(tmp_path),)) as ex:
+        infos = {f.result(timeout=30) for f in [ex.submit(info_of_worker) for _ in range(40)]}
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.iterdir())) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["0", "1"]
+        info = next(iter(infos))
+        assert info.pid != os.getpid() and info.host and info.worker_id
+        victim = ex.submit(os._exit, 1)
+        with pytest.raises(farpool.WorkerLost):
+            victim.result(timeout=30)
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.iterdir())) < 3:  # the replacement's initializer ran
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert sorted(p.read_text() for p in tmp_path.iterdir()) in (["0", "0", "1"],
+                                                                       ["0", "1", "1"])
+
+
+def test_worker_info_on_threads():
+    with farpool.ThreadPoolExecutor(2) as ex:
+        info = ex.submit(info_of_worker).result(timeout=30)
+    assert info.pid == os.getpid() and info.rank in (0, 1)
+    assert farpool.worker_info() is None

@@ -175,3 +175,11 @@ def test_ctrl_c_in_a_client_of_the_daemons_stops_its_tasks(daemons, tmp_path):
     with farpool.Executor(daemons.address, heartbeat=HEARTBEAT) as ex:
         futures = [ex.submit(time.sleep, 0.3) for _ in range(2)]
         assert [f.result(timeout=5) for f in futures] == [None, None]
+
+
+def test_worker_info_on_the_daemons_names_the_host_and_ranks(ex):
+    from test_task_control import info_of_worker
+
+    infos = {f.result(timeout=30) for f in [ex.submit(info_of_worker) for _ in range(40)]}
+    assert {info.host for info in infos} == {"stops"}  # the worker daemon's --name
+    assert {info.rank for info in infos} <= {0, 1}

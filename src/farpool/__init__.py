@@ -7,6 +7,7 @@ worker daemons, or on Dask or Ray, picked by ``address`` or ``FARPOOL_ADDRESS``.
 
 from __future__ import annotations
 
+from .aio import run_async
 from .client import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from .dependencies import InputFailed
 from .errors import (
@@ -25,6 +26,7 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
+from .worker_identity import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,9 @@ __all__ = [
     "ThreadPoolExecutor",
     "UnpicklingFailed",
     "VersionMismatch",
+    "WorkerInfo",
     "WorkerLost",
     "__version__",
+    "run_async",
+    "worker_info",
 ]

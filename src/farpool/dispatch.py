@@ -55,8 +55,8 @@ class Task:
     sent: bool = False
     # Opaque for the dispatcher; the I/O loop keeps what it needs here.
     context: Any = None
-    # task_control.TaskOptions from Executor.options(...), or None. A task with a
-    # time limit goes only to a free slot, never ahead: its clock starts when sent.
+    # task_control.TaskOptions from Executor.options(...), or None. A time limit's
+    # clock starts once the task heads its worker's queue (TaskControl.head_began).
     options: Any = None
 
 
@@ -193,11 +193,6 @@ class Dispatcher:
         ema = self.fn_seconds.get(fn_key)
         return ema is not None and ema <= NO_PREFETCH_ABOVE
 
-    def may_wait_ahead(self, task: Task) -> bool:
-        """May ``task`` be handed to a worker ahead of its running one (prefetch)?"""
-        options = task.options
-        return self.short(task.fn_key) and (options is None or options.timeout is None)
-
     def busy_with_short(self, worker: WorkerSlot, now: float) -> bool:
         """Whether what ``worker`` runs now is known to be short (or it runs nothing):
         only then may tasks wait on it, prefetched. A worker in a long or never-timed
@@ -218,7 +213,7 @@ class Dispatcher:
         for queue in self.queues.values():
             if queue:
                 ema = self.fn_seconds.get(queue[0].fn_key)
-                if ema is None or ema > NO_PREFETCH_ABOVE or not self.may_wait_ahead(queue[0]):
+                if ema is None or ema > NO_PREFETCH_ABOVE:
                     return 0
                 return min(MAX_PREFETCH, int(PREFETCH_WINDOW / max(ema, 1e-7)))
         return 0
@@ -282,7 +277,7 @@ class Dispatcher:
             share = max(1, (room - len(batch)) // max(1, len(queues)))
             taken = 0
             while queue and taken < share and len(batch) < room:
-                if len(batch) >= free and not self.may_wait_ahead(queue[0]):
+                if len(batch) >= free and not self.short(queue[0].fn_key):
                     break
                 batch.append(queue.popleft())
                 taken += 1

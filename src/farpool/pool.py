@@ -180,6 +180,7 @@ class PoolIO(IOThread):
         # Time limits and stops (task_control): what the loop's timer looks at.
         self.control = TaskControl()
         self.timers_changed = False  # see needs_io_thread
+        self.cut_short = False  # Ctrl-C: workers still starting are not waited for
         self.stop_requests: deque[tuple[Any, float]] = deque()  # (future, grace) from stop()
         self.handlers: dict[Kind, Callable[[bytes, protocol.Message], None]] = {
             Kind.HELLO: self.on_hello,
@@ -277,6 +278,7 @@ class PoolIO(IOThread):
         """Ctrl-C, or the program ending on it (see exit_hooks): cancel the queued
         tasks, stop the running ones within INTERRUPT_GRACE (where the kind of pool
         can), and close."""
+        self.cut_short = True
         self.request_close(True)
         self.request_stop(STOP_ALL, INTERRUPT_GRACE)
 

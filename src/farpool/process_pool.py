@@ -39,7 +39,7 @@ from .main_script import MainScript, client_script
 from .pool import _INIT_FAILED, STOP_ALL, LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind, Status
 from .respawn import StartFailures
-from .spawn import WorkerProcess, describe_exit, pickle_initializer, spawn_worker
+from .spawn import WorkerProcess, describe_exit, free_rank, pickle_initializer, spawn_worker
 from .task_control import STOPPED, TaskOptions, outcome_of
 
 log = logging.getLogger("farpool.pool")
@@ -174,7 +174,7 @@ class ProcessPoolIO(PoolIO):
         self.starting += 1
         proc = spawn_worker(worker_id, self.address, self.runtime_dir,
                             max_tasks=self.max_tasks, init_blob=self.init_blob,
-                            inherit_fds=self.init_fds,
+                            inherit_fds=self.init_fds, rank=free_rank(self.procs.values()),
                             extra={"main": tuple(self.main_script)} if self.main_script else None)
         self.procs[worker_id] = proc
         self.poller.register(proc.fileno(), zmq.POLLIN)
@@ -203,14 +203,17 @@ class ProcessPoolIO(PoolIO):
         if going:
             needs = self.sent_fns[worker.worker_id].needs
             self.send(worker, protocol.encode_tasks(going, needs))
-            for task in going:
-                options = task.options
-                if options is not None and options.timeout is not None:
-                    # On a free slot (never ahead, see Dispatcher): it runs from now.
-                    self.control.began(task, worker.worker_id, options.timeout,
-                                       options.stop_grace(), time.monotonic())
-                    self.timers_changed = True
+            self.start_clocks(worker)
         return len(going) < len(batch)
+
+    def start_clocks(self, worker: WorkerSlot | None) -> None:
+        """Time limits run from when a task heads its worker's queue (task_control)."""
+        if worker is None or not worker.held or next(iter(worker.held.values())).options is None:
+            return  # (slots is 1 here: the head is the task that runs)
+        before = len(self.control.watches)
+        self.control.head_began(worker.worker_id, worker.held, worker.slots, time.monotonic())
+        if len(self.control.watches) != before:
+            self.timers_changed = True
 
     def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
         finished = self.dispatcher.finished
@@ -228,6 +231,7 @@ class ProcessPoolIO(PoolIO):
                     self.end_stopped(task, stopped)
                     continue
             self.outcomes.append((task, entry, payload))
+        self.start_clocks(self.dispatcher.workers.get(worker_id))  # what runs next
 
     def retries_for(self, task: Task) -> int:
         options = task.options
@@ -406,12 +410,38 @@ class ProcessPoolIO(PoolIO):
     def stop_workers(self, deadline: float) -> None:
         """Wait for each to exit after its BYE; then close its control pipe (it exits
         when it sees EOF there), terminate, kill."""
+        if self.broken is None and not self.cut_short:
+            self.let_initializers_finish(deadline)
         for proc in list(self.procs.values()):
             if not proc.said_hello or proc.reap(max(0.0, deadline - time.monotonic())) is None:
                 proc.control.close()
                 proc.stop(time.monotonic() + 1.0)
             proc.close()
         self.procs.clear()
+
+    def let_initializers_finish(self, deadline: float) -> None:
+        """shutdown(wait=True) lets a worker still in its initializer finish it, as the
+        stdlib's does (until ``deadline``): once it says HELLO it is told BYE. Only
+        terminate_workers, kill_workers and Ctrl-C cut an initializer short."""
+        bye = protocol.encode(Kind.BYE, [ByeReason.SHUTDOWN])
+        while any(not p.said_hello and p.proc.poll() is None for p in self.procs.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self.router.poll(int(min(left, 0.05) * 1000) + 1):
+                continue
+            while protocol.readable(self.router):
+                frames = protocol.recv_frames(self.router)
+                proc = self.procs.get(frames[0].bytes)
+                if proc is None or proc.said_hello:
+                    continue
+                try:
+                    kind = protocol.decode(frames[1:]).kind
+                except protocol.ProtocolError:
+                    continue
+                if kind is Kind.HELLO:
+                    proc.said_hello = True
+                    self.send(WorkerSlot(proc.worker_id, 1), bye)
 
     def release(self) -> None:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -375,6 +375,7 @@ class Scheduler(PeerUpkeep, TaskStops):
             if self.control and self.stopped_result(task, entry):
                 continue
             self.route(task, entry.status, payload, entry.duration)
+        self.start_clocks(identity)  # what it runs next
 
     def unclaimed(self, task_id: int, status: int, payload: list[Any], duration: float) -> None:
         """A result for no task a client is waiting on now: the resubmission waiting for
@@ -470,7 +471,7 @@ class Scheduler(PeerUpkeep, TaskStops):
         for worker, batch in self.dispatcher.assign():
             needs = self.worker_fns[worker.worker_id].needs
             self.send(worker.worker_id, protocol.encode_tasks(batch, needs))
-            self.began(worker.worker_id, batch)
+            self.start_clocks(worker.worker_id)
 
     def send(self, identity: bytes, msg: list[Any]) -> None:
         try:

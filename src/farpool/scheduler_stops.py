@@ -3,7 +3,8 @@
 The scheduler keeps each timed task's deadline (never the task's own process); a stop
 goes to the worker's supervisor, the `farpool worker` that owns its process::
 
-    client  --TASKS (limits)-->  scheduler: began() when a free worker gets the task
+    client  --TASKS (limits)-->  scheduler: a task's clock starts when it heads its
+                                 worker's queue (sent to it idle, or its results came)
     client  --STOP [ids]----->   scheduler: queued? CANCELLED; running? control.stop
                                  due(): soft --INTERRUPT [worker, task, False]--> supervisor
                                         kill --INTERRUPT [worker, task, True]---> supervisor
@@ -47,14 +48,13 @@ class TaskStops:
         def route(self, task: Task, status: int, payload: list[Any], duration: float) -> None: ...
         def retries_for(self, task: Task) -> int: ...
 
-    def began(self, worker_id: bytes, batch: list[Task]) -> None:
-        """``batch`` went to ``worker_id``: the clocks of its timed tasks start (a timed
-        task goes only to a free slot, so it starts at once)."""
-        now = time.monotonic()
-        for task in batch:
-            options = task.options
-            if options is not None and options.timeout is not None:
-                self.control.began(task, worker_id, options.timeout, options.stop_grace(), now)
+    def start_clocks(self, worker_id: bytes) -> None:
+        """After tasks went to ``worker_id`` or its results came: the time limits of
+        the tasks now at the head of its queue start (TaskControl.head_began)."""
+        slot = self.dispatcher.workers.get(worker_id)
+        if slot is None or not slot.held or next(iter(slot.held.values())).options is None:
+            return
+        self.control.head_began(worker_id, slot.held, slot.slots, time.monotonic())
 
     def on_stop(self, identity: bytes, peer: Peer | None, msg: protocol.Message) -> None:
         assert peer is not None

@@ -13,6 +13,7 @@ crash the parent knows exactly which task was the victim and which never started
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,7 @@ class WorkerProcess:
     # end-of-file is not enough: a child the task forked inherits the worker's end and
     # keeps it open for as long as it lives. -1 where the OS has no pidfd.
     pidfd: int = -1
+    rank: int = 0  # its place among its pool's processes (worker_identity)
 
     @property
     def pid(self) -> int:
@@ -183,11 +186,17 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+def free_rank(procs: Iterable[WorkerProcess]) -> int:
+    """The lowest rank no live process holds: a replacement takes the dead one's."""
+    taken = {proc.rank for proc in procs}
+    return next(rank for rank in itertools.count() if rank not in taken)
+
+
 def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
                  initializer: Any = None, initargs: tuple[Any, ...] = (),
                  max_tasks: int | None = None, init_blob: bytes | None = None,
                  inherit_fds: tuple[int, ...] = (),
-                 extra: dict[str, Any] | None = None) -> WorkerProcess:
+                 extra: dict[str, Any] | None = None, rank: int = 0) -> WorkerProcess:
     """Start one worker process that connects to ``address`` as ``worker_id``.
 
     ``init_blob`` and ``inherit_fds`` come from ``pickle_initializer`` (made here from
@@ -215,6 +224,7 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         # As multiprocessing gives its children: Manager proxies passed to a task or
         # an initializer connect back to their manager with this key.
         "authkey": bytes(multiprocessing.current_process().authkey),
+        "rank": rank,
         **(extra or {}),
     }
     try:
@@ -234,7 +244,8 @@ def spawn_worker(worker_id: bytes, address: str, runtime_dir: str, *,
         proc.stdin.close()
     except BrokenPipeError:
         pass  # died at once; its control socket reports that
-    return WorkerProcess(worker_id, proc, ours, state, state_path, pidfd=_open_pidfd(proc.pid))
+    return WorkerProcess(worker_id, proc, ours, state, state_path, pidfd=_open_pidfd(proc.pid),
+                         rank=rank)
 
 
 def _open_pidfd(pid: int) -> int:

@@ -115,6 +115,21 @@ class TaskControl:
         time limit of ``limit`` seconds."""
         self.watches[task.task_id] = Watch(task, worker_id, now, now + limit, grace, limit)
 
+    def head_began(self, worker_id: bytes, held: dict[int, Any], slots: int, now: float
+                   ) -> None:
+        """The tasks at the head of ``worker_id``'s queue (``held``, in the order it
+        runs them; the first ``slots`` run now) have begun: the clocks of the timed
+        ones start. Called when tasks go to a worker and when its results come: a
+        task handed ahead starts once those before it have answered (late by at most
+        a result batch's hold, never early)."""
+        for running, task in enumerate(held.values()):
+            if running >= slots:
+                return
+            options = task.options
+            if (options is not None and options.timeout is not None
+                    and task.task_id not in self.watches):
+                self.began(task, worker_id, options.timeout, options.stop_grace(), now)
+
     def stop(self, task: Any, worker_id: bytes, grace: float, now: float) -> Watch:
         """``Executor.stop`` on a task that ``worker_id`` holds: the soft stop is due
         now (the caller sends it), the kill after ``grace``."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
 import time
 import weakref
@@ -42,6 +43,7 @@ from .futures import new_future
 from .initializer import run_initializer
 from .pool import LocalPool, PoolIO, refuse_after_exit
 from .protocol import ByeReason, Kind
+from .worker_identity import WorkerInfo, set_thread_worker
 from .worker_loop import SharedCalls, WorkerLoop, hello
 
 _TASKS = Kind.TASKS  # a module global: cheaper to read than the enum's attribute
@@ -229,11 +231,12 @@ class ThreadPoolIO(PoolIO):
             self.dispatch()
         return True
 
-    def thread_worker(self, worker_id: bytes) -> None:
+    def thread_worker(self, worker_id: bytes, rank: int) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.identity = worker_id
         sock.connect(self.address)
+        set_thread_worker(WorkerInfo(worker_id.decode(), socket.gethostname(), os.getpid(), rank))
         try:
             failure = run_initializer(self.initializer, self.initargs)
             if failure is not None:
@@ -247,6 +250,7 @@ class ThreadPoolIO(PoolIO):
             reason = loop.run()
             sock.send_multipart(protocol.encode(Kind.BYE, [reason]))
         finally:
+            set_thread_worker(None)
             sock.close()
 
     # -- I/O thread ----------------------------------------------------------------
@@ -260,8 +264,9 @@ class ThreadPoolIO(PoolIO):
     def spawn_thread(self) -> None:
         """Start a thread worker (with ``grow_lock`` held)."""
         worker_id = f"w{next(self.worker_ids)}".encode()
-        name = f"{self.thread_name_prefix}_{len(self.threads)}"
-        thread = threading.Thread(target=self.thread_worker, args=(worker_id,), name=name,
+        rank = len(self.threads)  # threads never die: the rank is the thread's number
+        name = f"{self.thread_name_prefix}_{rank}"
+        thread = threading.Thread(target=self.thread_worker, args=(worker_id, rank), name=name,
                                   daemon=True)
         thread.start()
         self.threads[worker_id] = thread

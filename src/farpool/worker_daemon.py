@@ -40,7 +40,7 @@ from .liveness import silent_too_long
 from .protocol import ByeReason, Kind, PeerRole
 from .respawn import StartFailures, quick_death
 from .scheduler import DEFAULT_HEARTBEAT, DEFAULT_LIVENESS, RECONNECT
-from .spawn import WorkerProcess, describe_exit, spawn_worker
+from .spawn import WorkerProcess, describe_exit, free_rank, spawn_worker
 
 log = logging.getLogger("farpool.worker")
 
@@ -93,6 +93,7 @@ class Node:
             # A scheduler that restarts takes them back, running tasks and all.
             "rejoin": True,
             "hello": {"role": PeerRole.WORKER, "supervisor": self.identity, "host": self.name},
+            "host": self.name,  # for worker_info()
         }
 
         self.ctx = zmq.Context()
@@ -283,7 +284,8 @@ class Node:
         worker_id = b"%s.w%d" % (self.identity, self.serial)
         self.serial += 1
         proc = spawn_worker(worker_id, self.address, self.runtime_dir, max_tasks=self.max_tasks,
-                            init_blob=_NO_INITIALIZER, extra=self.worker_config)
+                            init_blob=_NO_INITIALIZER, extra=self.worker_config,
+                            rank=free_rank(self.procs.values()))
         self.procs[worker_id] = proc
         self.poller.register(proc.fileno(), zmq.POLLIN)
 

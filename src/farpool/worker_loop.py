@@ -523,6 +523,11 @@ def _process_main() -> int:
         import multiprocessing.process
 
         multiprocessing.process.current_process().authkey = config["authkey"]
+    from .worker_identity import WorkerInfo, set_process_worker
+
+    set_process_worker(WorkerInfo(config["worker_id"].decode(errors="replace"),
+                                  config.get("host") or socket.gethostname(), os.getpid(),
+                                  int(config.get("rank", 0))))
     if config.get("main"):  # before the initializer, which may be the script's
         from .main_script import MainScript, install_local
 
