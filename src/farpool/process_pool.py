@@ -33,10 +33,11 @@ import zmq
 
 from . import protocol, serialize
 from .dispatch import Task, WorkerSlot, plan_loss, task_label
-from .errors import ProcessPoolBroken, TaskStopped, TaskTimeout, WorkerLost
+from .errors import ProcessPoolBroken, WorkerLost
 from .futures import new_future
 from .main_script import MainScript, client_script
-from .pool import _INIT_FAILED, STOP_ALL, LocalPool, PoolIO, refuse_after_exit
+from .pool import _INIT_FAILED, LocalPool, PoolIO, refuse_after_exit
+from .pool_stops import PoolStops
 from .protocol import ByeReason, Kind, Status
 from .respawn import StartFailures
 from .spawn import WorkerProcess, describe_exit, free_rank, pickle_initializer, spawn_worker
@@ -136,7 +137,7 @@ class ProcessPool(LocalPool):
         return Task(task_id, key, blob, frames, label=task_label(fn), context=future)
 
 
-class ProcessPoolIO(PoolIO):
+class ProcessPoolIO(PoolStops, PoolIO):
     """The I/O thread of a process pool: starts, feeds, reaps and replaces processes."""
 
     kind = "process"
@@ -206,15 +207,6 @@ class ProcessPoolIO(PoolIO):
             self.start_clocks(worker)
         return len(going) < len(batch)
 
-    def start_clocks(self, worker: WorkerSlot | None) -> None:
-        """Time limits run from when a task heads its worker's queue (task_control)."""
-        if worker is None or not worker.held or next(iter(worker.held.values())).options is None:
-            return  # (slots is 1 here: the head is the task that runs)
-        before = len(self.control.watches)
-        self.control.head_began(worker.worker_id, worker.held, worker.slots, time.monotonic())
-        if len(self.control.watches) != before:
-            self.timers_changed = True
-
     def on_results(self, worker_id: bytes, msg: protocol.Message) -> None:
         finished = self.dispatcher.finished
         control = self.control
@@ -232,85 +224,6 @@ class ProcessPoolIO(PoolIO):
                     continue
             self.outcomes.append((task, entry, payload))
         self.start_clocks(self.dispatcher.workers.get(worker_id))  # what runs next
-
-    def retries_for(self, task: Task) -> int:
-        options = task.options
-        if options is not None and options.retries is not None:
-            return int(options.retries)
-        return self.retries
-
-    def end_stopped(self, task: Task, error: BaseException) -> None:
-        """A task stopped by its time limit runs again while its retries allow;
-        otherwise (and always after ``stop``) its future fails with ``error``."""
-        if isinstance(error, TaskTimeout) and task.attempts < self.retries_for(task):
-            task.attempts += 1
-            self.dispatcher.requeue([task])
-        else:
-            self.sink.fail(task, error)
-
-    # -- time limits and stops (decided in task_control) ---------------------------
-    def act_on_timers(self, now: float) -> None:
-        for action, watch in self.control.due(now):
-            proc = self.procs.get(watch.worker_id)
-            if proc is None:
-                continue  # its death is being handled
-            if action == "soft":
-                proc.interrupt(watch.task.task_id)
-            elif proc.running_and_done()[0] != watch.task.task_id:
-                # Stopped while handed ahead, and not begun yet: the worker drops it at
-                # its start. Never kill the task running before it.
-                watch.killed = False
-                watch.kill_at = now + watch.grace
-            else:
-                log.info("killing worker process %s: task %s (%s) still runs %g s after "
-                         "it was asked to stop", proc.pid, watch.task.task_id,
-                         watch.task.label, watch.grace)
-                proc.signal(signal.SIGKILL)
-
-    def take_stop_requests(self) -> None:
-        now = time.monotonic()
-        while self.stop_requests:
-            future, grace = self.stop_requests.popleft()
-            if future is STOP_ALL:
-                self.stop_all(grace, now)
-                continue
-            found = self.find_held(future)
-            if found is None:
-                self.stop_queued(future)
-                continue
-            worker_id, task = found
-            proc = self.procs.get(worker_id)
-            if proc is not None:
-                self.control.stop(task, worker_id, grace, now)
-                proc.interrupt(task.task_id)
-
-    def stop_all(self, grace: float, now: float) -> None:
-        """Stop the task each worker runs, or begins next (it skips it at its start).
-        What was handed ahead behind it is short by construction (see Dispatcher)."""
-        for worker in self.dispatcher.workers.values():
-            proc = self.procs.get(worker.worker_id)
-            task = next(iter(worker.held.values()), None)
-            if proc is not None and task is not None:
-                self.control.stop(task, worker.worker_id, grace, now)
-                proc.interrupt(task.task_id)
-
-    def find_held(self, future: Any) -> tuple[bytes, Task] | None:
-        for worker in self.dispatcher.workers.values():
-            for task in worker.held.values():
-                if task.context is future:
-                    return worker.worker_id, task
-        return None
-
-    def stop_queued(self, future: Any) -> None:
-        """A running future whose task is queued (requeued after its worker died, or
-        for a retry): drop it from the queue; its future fails with TaskStopped."""
-        for client, queue in list(self.dispatcher.queues.items()):
-            for task in queue:
-                if task.context is future:
-                    self.dispatcher.cancel(client, {task.task_id})
-                    self.sink.fail(task, TaskStopped(
-                        f"task {task.task_id} ({task.label}) was stopped before it ran again"))
-                    return
 
     def request_end(self, signum: int) -> None:
         self.end_signal = signum
