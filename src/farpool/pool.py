@@ -45,13 +45,12 @@ from . import exit_hooks, protocol, serialize
 from .dispatch import Dispatcher, Task, WorkerSlot
 from .errors import unpickling_failed
 from .io_thread import IOThread
+from .pool_caller import PoolCallerSide
 from .protocol import ByeReason, Kind, Status
-from .task_control import INTERRUPT_GRACE, TaskControl
+from .task_control import TaskControl
 
 _INIT_FAILED = "A {kind} initializer failed, the {kind} pool is not usable anymore"
 STOP_GRACE_SECONDS = 5.0
-# A stop request for every running task (Ctrl-C); its grace is INTERRUPT_GRACE.
-STOP_ALL = object()
 log = logging.getLogger("farpool.pool")
 
 
@@ -149,7 +148,7 @@ class LocalPool:
         return set()
 
 
-class PoolIO(IOThread):
+class PoolIO(PoolCallerSide, IOThread):
     """The I/O thread's state. Only the I/O thread (or a caller holding ``io_lock``)
     touches the ROUTER and the dispatcher; callers reach it through ``inbox`` plus a
     wake-up pipe. Subclasses fill in how workers start, take tasks and end."""
@@ -233,75 +232,6 @@ class PoolIO(IOThread):
 
     def release(self) -> None:
         """In cleanup, last: free what the kind of pool holds beside the sockets."""
-
-    # -- caller side ---------------------------------------------------------------
-    def start(self) -> None:
-        exit_hooks.register(self)
-        self.thread.start()
-        if not self.started.wait(30):  # pragma: no cover - a stuck start is a bug
-            raise RuntimeError("farpool I/O thread did not start")
-
-    def post(self, tasks: list[Task]) -> None:
-        self.refuse_if_closed(task.context for task in tasks)
-        # Fast path: when the I/O thread is waiting and a worker is idle, the caller
-        # sends the task itself, saving a thread switch on every round trip.
-        direct = not self.inbox
-        self.inbox.extend(tasks)
-        if not (direct and self.send_from_caller(self.dispatch_now, None)):
-            self.wake()
-
-    def dispatch_now(self, _: None) -> bool:
-        """In a submitting thread, with ``io_lock``: hand the inbox to idle workers;
-        whether it did. Anything else (a queue to respect, no idle worker, a closing or
-        broken pool) is left to the I/O thread. Nothing here completes a future, so no
-        done-callback runs in the submitting thread.
-        """
-        dispatcher = self.dispatcher
-        inbox = self.inbox
-        if (len(inbox) == 1 and not self.closing and self.broken is None
-                and not dispatcher.queued):
-            # The common case (one submit, a worker idle): no queue to go through.
-            worker = dispatcher.place(inbox[0])
-            if worker is not None:
-                self.send_batch(worker, [inbox.popleft()])
-                return True
-        if self.closing or self.broken is not None or dispatcher.queued or not dispatcher.has_room():
-            return False
-        while inbox:
-            dispatcher.submit(inbox.popleft())
-        self.dispatch()
-        if self.freed:
-            self.take_freed()  # a fast thread worker has answered already
-        return True
-
-    def interrupt(self) -> None:
-        """Ctrl-C, or the program ending on it (see exit_hooks): cancel the queued
-        tasks, stop the running ones within INTERRUPT_GRACE (where the kind of pool
-        can), and close."""
-        self.cut_short = True
-        self.request_close(True)
-        self.request_stop(STOP_ALL, INTERRUPT_GRACE)
-
-    def request_stop(self, future: Any, grace: float) -> None:
-        """From a caller: stop the running task of ``future`` (see task_control)."""
-        self.stop_requests.append((future, grace))
-        self.wake()
-
-    def needs_io_thread(self) -> bool:
-        # timers_changed: a caller's send started a time limit, which the I/O thread,
-        # asleep in a poll with no timeout, must start waiting for.
-        return bool(self.closing or self.inbox or self.dispatcher.queued or self.deferred
-                    or self.timers_changed or self.may_have_input())
-
-    def may_have_input(self) -> bool:
-        """Is input waiting on the router (that a send may have hidden from poll)?"""
-        return protocol.readable(self.router)
-
-    def stats(self) -> dict[str, Any]:
-        d = self.dispatcher
-        running = d.in_flight()
-        return {"workers": len(d.workers), "queued": d.queued, "running": running,
-                "done": d.done, "pending": len(self.inbox) + d.queued + running}
 
     # -- I/O thread ----------------------------------------------------------------
     def run(self) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .dispatch import Task, WorkerSlot
 from .errors import TaskStopped, TaskTimeout
-from .pool import STOP_ALL
+from .pool_caller import STOP_ALL
 
 if TYPE_CHECKING:
     from collections import deque
