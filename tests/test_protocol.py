@@ -124,13 +124,15 @@ def head(version, kind, body):
     ([head(V, int(Kind.CANCEL), [["x"]])], "task id"),
     ([head(V, int(Kind.STATUS), []), b"extra"], "unexpected frames"),
     # Time limits and stops (Executor.options, Executor.stop).
-    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, float("nan"), None, None]]])],
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, float("nan"), None, None, 0]]])],
      "timeout is not a number of seconds"),
-    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 0, None, None]]])], "timeout"),
-    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 1e9, None, None]]])], "timeout"),
-    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0, -1.0, None]]])], "grace"),
-    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0, None, 10**6]]])], "retries"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 0, None, None, 0]]])], "timeout"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 1e9, None, None, 0]]])], "timeout"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0, -1.0, None, 0]]])], "grace"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0, None, 10**6, 0]]])], "retries"),
     ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, 5.0]]])], "bad task limits"),
+    ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], [[1, None, None, None, 10**9]]])],
+     "priority"),
     ([head(V, int(Kind.TASKS), [[[1, b"k", 0, 0]], {"1": 5}])], "limits are not a list"),
     ([head(V, int(Kind.STOP), [[1, 2]])], "STOP body"),
     ([head(V, int(Kind.STOP), [["x"], 1.0])], "task id"),
@@ -154,7 +156,7 @@ def test_task_limits_travel_with_a_batch_and_only_when_given():
 
     tasks = [T(1, None), T(2, TaskOptions(timeout=5.0, retries=1))]
     msg = protocol.decode(protocol.encode_tasks(tasks, lambda key: False, with_options=True))
-    assert msg.body[1] == {2: protocol.TaskLimits(2, 5.0, None, 1)}
+    assert msg.body[1] == {2: protocol.TaskLimits(2, 5.0, None, 1, 0)}
     plain = protocol.decode(protocol.encode_tasks(tasks, lambda key: False))
     assert len(plain.body) == 1  # what a scheduler sends its workers: no limits
 

@@ -34,6 +34,11 @@ _EMA_WEIGHT = 0.2
 _MAX_TIMED_FUNCTIONS = 4096
 
 
+def _priority(task: Task) -> int:
+    options = task.options
+    return options.priority if options is not None else 0
+
+
 def task_label(fn: Any) -> str:
     """How errors and logs name a task's function."""
     return getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -95,6 +100,9 @@ class Dispatcher:
         self.fn_seconds: dict[bytes, float] = {}
         self.queued = 0
         self.done = 0
+        # Clients whose queue holds a task with a priority: their submits are sorted in
+        # (the others only append). Forgotten when the queue empties.
+        self.prioritized: set[bytes] = set()
 
     # -- tasks ---------------------------------------------------------------------
     def requeue(self, tasks: list[Task]) -> None:
@@ -110,8 +118,22 @@ class Dispatcher:
         if front:
             queue.appendleft(task)
         else:
-            queue.append(task)
+            options = task.options
+            priority = options.priority if options is not None else 0
+            if priority or task.client in self.prioritized:
+                self._insert_by_priority(queue, task, priority)
+            else:
+                queue.append(task)
         self.queued += 1
+
+    def _insert_by_priority(self, queue: deque[Task], task: Task, priority: int) -> None:
+        """Behind every queued task of the same or a higher priority, ahead of the
+        rest (Executor.options(priority=)): higher first, in order within one."""
+        self.prioritized.add(task.client)
+        at = len(queue)
+        while at and _priority(queue[at - 1]) < priority:
+            at -= 1
+        queue.insert(at, task)
 
     def place(self, task: Task) -> WorkerSlot | None:
         """With nothing queued, give ``task`` straight to the first worker with a free
@@ -142,12 +164,14 @@ class Dispatcher:
             self.queues[client] = kept
         else:  # no empty queue left behind: _take would spend a turn on it
             del self.queues[client]
+            self.prioritized.discard(client)
         self.queued -= len(dropped)
         return dropped
 
     def drop_client(self, client: bytes) -> list[Task]:
         """Forget a client's queued tasks (the client went away)."""
         queue = self.queues.pop(client, deque())
+        self.prioritized.discard(client)
         self.queued -= len(queue)
         return list(queue)
 
@@ -284,6 +308,7 @@ class Dispatcher:
             self.queued -= taken
             if not queue:
                 del queues[client]
+                self.prioritized.discard(client)
             idle_turns = 0 if taken else idle_turns + 1
         return batch
 

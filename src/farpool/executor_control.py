@@ -36,7 +36,7 @@ class TaskControlMethods:
         def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
 
     def options(self, *, timeout: float | None = None, retries: int | None = None,
-                grace: float | None = None) -> Executor:
+                grace: float | None = None, priority: int | None = None) -> Executor:
         """An executor that shares this one's workers and applies these options to
         every task it submits (``submit`` and ``map``), so code that takes any
         ``concurrent.futures.Executor`` gets them too.
@@ -46,12 +46,15 @@ class TaskControlMethods:
         runs after ``grace`` seconds (default 3) its worker is killed and replaced.
         Its future fails with ``farpool.TaskTimeout``. ``retries``: how often a task
         runs again after its worker died or its time ran out (default: the
-        executor's). An option the backend cannot honour is a ``ValueError`` here.
+        executor's). ``priority``: higher first within this client's queue (default 0;
+        fairness between clients is unchanged). An option the backend cannot honour
+        is a ``ValueError`` here.
         """
         from .backends import scheme_of
 
         given = {name: value for name, value in
-                 (("timeout", timeout), ("retries", retries), ("grace", grace))
+                 (("timeout", timeout), ("retries", retries), ("grace", grace),
+                  ("priority", priority))
                  if value is not None}
         merged = check_task_options(given, self._task_options)
         supported: frozenset[str] = getattr(self._root._backend, "task_options", frozenset())
@@ -61,7 +64,7 @@ class TaskControlMethods:
             takes = ", ".join(sorted(supported)) or "none"
             raise ValueError(f"the {scheme} backend cannot honour the task option"
                              f"{'s' if len(refused) > 1 else ''} {', '.join(refused)} "
-                             f"(it takes: {takes}; processes takes timeout, retries and grace)")
+                             f"(it takes: {takes}; processes takes timeout, retries, grace and priority)")
         from .client import _OptionsView
 
         return _OptionsView(self._root, merged)

@@ -65,7 +65,7 @@ class ProcessPool(LocalPool):
                                        initargs=initargs, max_tasks=max_tasks_per_child,
                                        retries=retries, main_script=script))
 
-    task_options = frozenset(("timeout", "retries", "grace"))
+    task_options = frozenset(("timeout", "retries", "grace", "priority"))
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                options: TaskOptions | None = None) -> Future:

@@ -174,7 +174,8 @@ def encode_tasks(tasks: Iterable[SendableTask], needs: Callable[[bytes], bool], 
         if with_options:
             options = getattr(task, "options", None)
             if options is not None:
-                limits.append([task.task_id, options.timeout, options.grace, options.retries])
+                limits.append([task.task_id, options.timeout, options.grace, options.retries,
+                               options.priority])
     return encode(Kind.TASKS, [entries, limits] if limits else [entries], frames)
 
 
@@ -185,6 +186,7 @@ class TaskLimits(NamedTuple):
     timeout: float | None
     grace: float | None
     retries: int | None
+    priority: int
 
 
 _Entry = TypeVar("_Entry", TaskEntry, ResultEntry)
@@ -354,14 +356,17 @@ def _check_limits(raw_limits: Any) -> dict[int, TaskLimits]:
         raise ProtocolError("TASKS limits are not a list")
     limits: dict[int, TaskLimits] = {}
     for raw in raw_limits:
-        if type(raw) is not list or len(raw) != 4:
+        if type(raw) is not list or len(raw) != 5:
             raise ProtocolError(f"bad task limits {raw!r:.80}")
         task_id = _int(raw[0], "task id")
-        retries = raw[3]
+        retries, priority = raw[3], raw[4]
+        if type(priority) is not int or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise ProtocolError(f"task priority out of range: {priority!r:.40}")
         if retries is not None and (type(retries) is not int or not 0 <= retries <= MAX_RETRIES):
             raise ProtocolError(f"task retries out of range: {retries!r:.40}")
         limits[task_id] = TaskLimits(task_id, _seconds_or_none(raw[1], "timeout", zero_ok=False),
-                                     _seconds_or_none(raw[2], "grace", zero_ok=True), retries)
+                                     _seconds_or_none(raw[2], "grace", zero_ok=True), retries,
+                                     priority)
     return limits
 
 
@@ -468,6 +473,7 @@ MAX_SLOTS = 1024
 MAX_RETRIES = 100
 # The longest time limit or grace the wire takes (about 115 days).
 MAX_SECONDS = 1e7
+MAX_PRIORITY = 10**6  # a task's priority: -MAX_PRIORITY to MAX_PRIORITY
 MAX_HEARTBEAT = 3600.0
 MAX_NAME = 255
 

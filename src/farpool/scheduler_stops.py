@@ -33,7 +33,8 @@ log = logging.getLogger("farpool.scheduler")
 
 
 def options_of(limits: protocol.TaskLimits) -> TaskOptions:
-    return TaskOptions(timeout=limits.timeout, retries=limits.retries, grace=limits.grace)
+    return TaskOptions(timeout=limits.timeout, retries=limits.retries, grace=limits.grace,
+                       priority=limits.priority)
 
 
 class TaskStops:

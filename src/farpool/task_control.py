@@ -42,6 +42,7 @@ class TaskOptions:
     timeout: float | None = None  # seconds of running, then the task is stopped
     retries: int | None = None  # runs again after a loss or a time limit (None: the executor's)
     grace: float | None = None  # seconds between the soft stop and the kill
+    priority: int = 0  # higher first within one client's queue
 
     def stop_grace(self) -> float:
         return DEFAULT_GRACE if self.grace is None else self.grace
@@ -58,7 +59,7 @@ def _seconds(name: str, value: Any, *, zero_ok: bool) -> float:
     return float(value)
 
 
-OPTION_NAMES = ("timeout", "retries", "grace")
+OPTION_NAMES = ("timeout", "retries", "grace", "priority")
 
 
 def check_task_options(options: Mapping[str, Any], base: TaskOptions | None = None
@@ -71,6 +72,13 @@ def check_task_options(options: Mapping[str, Any], base: TaskOptions | None = No
         raise TypeError(f"unknown task option{'s' if len(unknown) > 1 else ''} "
                         f"{', '.join(map(repr, unknown))}; the options are "
                         f"{', '.join(OPTION_NAMES)}")
+    from .protocol import MAX_PRIORITY
+
+    priority = options.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+    if priority is not None and not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be from {-MAX_PRIORITY} to {MAX_PRIORITY}, not {priority}")
     merged = {} if base is None else {name: getattr(base, name) for name in OPTION_NAMES}
     merged.update(options)
     timeout, retries, grace = merged.get("timeout"), merged.get("retries"), merged.get("grace")
@@ -82,7 +90,8 @@ def check_task_options(options: Mapping[str, Any], base: TaskOptions | None = No
         from .backends.options import check_retries
 
         check_retries(retries)
-    return TaskOptions(timeout=timeout, retries=retries, grace=grace)
+    return TaskOptions(timeout=timeout, retries=retries, grace=grace,
+                       priority=int(merged.get("priority") or 0))
 
 
 @dataclass(eq=False, slots=True)

@@ -97,7 +97,7 @@ class RemoteBackend:
 
     chunks = True
     # Time limits and stops are kept by the scheduler, carried out by the worker hosts.
-    task_options = frozenset(("timeout", "retries", "grace"))
+    task_options = frozenset(("timeout", "retries", "grace", "priority"))
 
     def __init__(self, address: str, *, max_workers: int | None = None, initializer: Any = None,
                  initargs: tuple[Any, ...] = (), retries: int = 0, key_file: Any = None,
