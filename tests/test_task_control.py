@@ -519,3 +519,34 @@ def test_worker_info_on_threads():
         info = ex.submit(info_of_worker).result(timeout=30)
     assert info.pid == os.getpid() and info.rank in (0, 1)
     assert farpool.worker_info() is None
+
+
+# -- priority -------------------------------------------------------------------------
+def append_label(path, label):
+    with open(path, "a") as f:
+        f.write(f"{label}\n")
+
+
+def run_in_priority_order(ex, path, blocks):
+    """Workers busy (``blocks``: seconds, one task each); then low, plain and high
+    priority tasks queued behind them, in that order of submission. One worker serves
+    the queue (the others are in longer blocks): the order they ran in is the order
+    they were handed out."""
+    blockers = [ex.submit(time.sleep, seconds) for seconds in blocks]
+    time.sleep(0.2)
+    futures = [ex.options(priority=-1).submit(append_label, path, "low") for _ in range(3)]
+    futures += [ex.submit(append_label, path, "plain") for _ in range(3)]
+    futures += [ex.options(priority=5).submit(append_label, path, "high") for _ in range(3)]
+    for f in blockers + futures:
+        f.result(timeout=30)
+    with open(path) as f:
+        return f.read().split()
+
+
+def test_priority_orders_one_clients_queue(tmp_path):
+    with farpool.Executor("processes", max_workers=1) as ex:
+        ex.submit(pid).result(timeout=30)
+        order = run_in_priority_order(ex, tmp_path / "order", blocks=[0.6])
+    assert order == ["high"] * 3 + ["plain"] * 3 + ["low"] * 3
+    with pytest.raises(TypeError, match="priority must be an int"):
+        check_task_options({"priority": 1.5})

@@ -138,14 +138,21 @@ CTRL_C_REMOTE = """
 import os, sys, time, farpool
 
 if __name__ == "__main__":
-    with farpool.Executor(sys.argv[1], heartbeat=0.5) as ex:
+    if sys.argv[2] == "with":
+        with farpool.Executor(sys.argv[1], heartbeat=0.5) as ex:
+            ex.submit(os.getpid).result(timeout=30)
+            print("ready", flush=True)
+            list(ex.map(time.sleep, [100] * 10))
+    else:  # no with block: the program ends on the KeyboardInterrupt
+        ex = farpool.Executor(sys.argv[1], heartbeat=0.5)
         ex.submit(os.getpid).result(timeout=30)
         print("ready", flush=True)
         list(ex.map(time.sleep, [100] * 10))
 """
 
 
-def test_ctrl_c_in_a_client_of_the_daemons_stops_its_tasks(daemons, tmp_path):
+@pytest.mark.parametrize("shape", ["with", "bare"])
+def test_ctrl_c_in_a_client_of_the_daemons_stops_its_tasks(daemons, tmp_path, shape):
     """SIGINT to the client's process group: it exits at once, its running tasks are
     stopped on the worker host (the host is free again), its queue dropped."""
     import signal
@@ -155,7 +162,7 @@ def test_ctrl_c_in_a_client_of_the_daemons_stops_its_tasks(daemons, tmp_path):
     script = tmp_path / "remote_map.py"
     script.write_text(CTRL_C_REMOTE)
     wait_for_workers(daemons.address, 2)
-    proc = subprocess.Popen([sys.executable, str(script), daemons.address],
+    proc = subprocess.Popen([sys.executable, str(script), daemons.address, shape],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -183,3 +190,11 @@ def test_worker_info_on_the_daemons_names_the_host_and_ranks(ex):
     infos = {f.result(timeout=30) for f in [ex.submit(info_of_worker) for _ in range(40)]}
     assert {info.host for info in infos} == {"stops"}  # the worker daemon's --name
     assert {info.rank for info in infos} <= {0, 1}
+
+
+def test_priority_orders_one_clients_queue_on_the_daemons(ex, tmp_path):
+    from test_task_control import run_in_priority_order
+
+    # The host's second process stays in a 3 s task: one process serves the queue.
+    order = run_in_priority_order(ex, tmp_path / "order", blocks=[0.6, 3.0])
+    assert order == ["high"] * 3 + ["plain"] * 3 + ["low"] * 3

@@ -64,7 +64,8 @@ class TaskControlMethods:
             takes = ", ".join(sorted(supported)) or "none"
             raise ValueError(f"the {scheme} backend cannot honour the task option"
                              f"{'s' if len(refused) > 1 else ''} {', '.join(refused)} "
-                             f"(it takes: {takes}; processes takes timeout, retries, grace and priority)")
+                             f"(it takes: {takes}; processes and the daemons take timeout, "
+                             "retries, grace and priority)")
         from .client import _OptionsView
 
         return _OptionsView(self._root, merged)

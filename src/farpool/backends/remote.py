@@ -169,7 +169,7 @@ class RemoteBackend:
     def interrupt(self) -> None:
         """Ctrl-C (see Executor.__exit__): this client's queued tasks are cancelled,
         its running ones stopped by their worker hosts (killed after 1 s)."""
-        self._io.stop_everything(INTERRUPT_GRACE, ended_by=None)
+        self._io.interrupt()
 
     def end_workers(self, signum: int) -> None:
         """terminate_workers / kill_workers on the daemons: this client's tasks only
@@ -244,6 +244,9 @@ class _RemoteIO(IOThread):
         self.cancels: deque[int] = deque()
         self.stops: deque[tuple[Future | None, float]] = deque()  # Executor.stop: (future, grace)
         self.ended_by: str | None = None  # terminate_workers or kill_workers, once called
+        # Cancelled here, not answered yet: a worker may still run them (a cancel does
+        # not stop a running task; Ctrl-C and kill_workers do). Their answers clear them.
+        self.cancelled: set[int] = set()
         self.unfinished: dict[int, _Pending] = {}
         self.sent_fns = serialize.SentFunctions()
         self.welcomed = False
@@ -415,15 +418,18 @@ class _RemoteIO(IOThread):
             pending = self.unfinished.pop(self.cancels.popleft(), None)
             if pending is not None:
                 cancels.append(pending.task_id)
+                self.cancelled.add(pending.task_id)
         if self.cancel_pending:
             self.cancel_pending = False
             cancels.extend(self.unfinished)
         if cancels and self.welcomed:
             self.send(protocol.encode(Kind.CANCEL, [cancels]))
         if self.stops and self.welcomed:
-            # Cancelled here (a map's iterator cancels what it leaves) is not stopped
-            # there: a task a worker runs goes on; a stop of everything reaches it too.
-            self.take_stops(cancels)
+            self.take_stops()
+
+    def interrupt(self) -> None:
+        """Ctrl-C, or the program ending on it (see exit_hooks)."""
+        self.stop_everything(INTERRUPT_GRACE, ended_by=None)
 
     def stop_everything(self, grace: float, ended_by: str | None) -> None:
         """From a caller: cancel the queued tasks, stop the running ones, close."""
@@ -433,17 +439,18 @@ class _RemoteIO(IOThread):
         self.stops.append((None, grace))
         self.request_close(True)
 
-    def take_stops(self, cancelled: list[int] | None = None) -> None:
+    def take_stops(self) -> None:
         """Send Executor.stop's requests (kept while not connected: sent on WELCOME);
-        a future of None: every unfinished task, and those just ``cancelled``."""
+        a future of None: every unfinished task, and the cancelled ones a worker may
+        still run."""
         by_grace: dict[float, list[int]] = {}
         while self.stops:
             future, grace = self.stops.popleft()
             ids = by_grace.setdefault(grace, [])
             ids.extend(tid for tid, task in self.unfinished.items()
                        if future is None or task.future is future)
-            if future is None and cancelled:
-                ids.extend(cancelled)
+            if future is None:
+                ids.extend(self.cancelled)
         for grace, ids in by_grace.items():
             if ids:
                 self.send(protocol.encode(Kind.STOP, [ids, grace]))
@@ -507,6 +514,7 @@ class _RemoteIO(IOThread):
         self.connected.set()
         # A (new) scheduler session knows none of our functions or tasks.
         self.sent_fns = serialize.SentFunctions()
+        self.cancelled.clear()  # their answers would never come
         if not first and self.unfinished:
             log.warning("reconnected to the scheduler at %s; resubmitting %d unfinished task(s)",
                         self.address, len(self.unfinished))
@@ -518,8 +526,9 @@ class _RemoteIO(IOThread):
     def on_results(self, msg: protocol.Message) -> None:
         for entry, payload in protocol.with_frames(msg.body[0], msg.frames):
             task = self.unfinished.pop(entry.task_id, None)
-            if task is None:
-                continue  # cancelled meanwhile, or a duplicate after a resubmission
+            if task is None:  # cancelled meanwhile, or a duplicate after a resubmission
+                self.cancelled.discard(entry.task_id)
+                continue
             self.complete(task, entry.status, payload)
 
     handlers: dict[Kind, Callable[[_RemoteIO, protocol.Message], None]] = {
