@@ -550,3 +550,20 @@ def test_priority_orders_one_clients_queue(tmp_path):
     assert order == ["high"] * 3 + ["plain"] * 3 + ["low"] * 3
     with pytest.raises(TypeError, match="priority must be an int"):
         check_task_options({"priority": 1.5})
+
+
+def sleep_and_mark(path, seconds):
+    append_label(path, "ran")
+    time.sleep(seconds)
+
+
+def test_closing_a_buffered_map_early_cancels_what_it_buffered(tmp_path):
+    """As Python 3.14's map(buffersize=N): closing the iterator cancels the buffered
+    futures that have not started, and submits nothing more."""
+    marks = tmp_path / "marks"
+    with farpool.Executor("processes", max_workers=1) as ex:
+        it = ex.map(sleep_and_mark, [marks] * 100, [0.3] * 100, buffersize=5)
+        next(it)  # the first ran; the next one now runs, the rest of the buffer waits
+        it.close()
+    ran = marks.read_text().split()
+    assert 1 < len(ran) <= 3  # the first, the one running at the close (and a refill)
