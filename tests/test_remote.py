@@ -156,18 +156,24 @@ def cluster(key_dir, tmp_path):
         c.stop()
 
 
-@pytest.fixture(scope="module")
-def shared(key_dir, tmp_path_factory):
-    """A scheduler and one worker daemon of 2 processes for the tests that leave them
-    healthy (each checks they are before it starts)."""
-    c = Cluster(tmp_path_factory.mktemp("shared"))
+def one_host_cluster(log_dir: Path, host: str):
+    """A scheduler and one worker daemon (``--name host``) of 2 processes, running:
+    for a module fixture to yield (stopped when the generator closes)."""
+    c = Cluster(log_dir)
     try:
         c.scheduler()
-        c.worker(name="shared")
+        c.worker(name=host)
         wait_for_workers(c.address, 2)
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(key_dir, tmp_path_factory):
+    """A scheduler and one worker daemon of 2 processes for the tests that leave them
+    healthy (each checks they are before it starts)."""
+    yield from one_host_cluster(tmp_path_factory.mktemp("shared"), "shared")
 
 
 @pytest.fixture

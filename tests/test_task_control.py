@@ -27,6 +27,8 @@ from farpool.task_control import (
     TaskControl,
     check_task_options,
     outcome_of,
+    retries_after_loss,
+    retry_after_stop,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,9 +99,18 @@ def test_stop_is_a_cancelled_error_and_overrides_a_time_limit():
     assert control.due(5.5) == []
     [(action, _)] = control.due(6.0)
     assert action == "kill"
-    error = outcome_of(control.finished(7), None)
+    watch = control.finished(7)
+    error = outcome_of(watch, None)
     assert isinstance(error, farpool.TaskStopped) and isinstance(error, CancelledError)
     assert str(error) == "task 7 (fit) was stopped while running: it was interrupted"
+    # Killed: the message names the stop's grace (1 s), not the time limit's (3 s).
+    assert str(outcome_of(watch, None, died=True)).endswith("killed after a grace of 1 s")
+    # stop() means: never run it again; a time limit: while the retries allow.
+    assert retries_after_loss({7: watch}, task, retries=5) == 0
+    assert not retry_after_stop(task, error, retries=5)
+    timed_out = farpool.TaskTimeout("late")
+    assert retry_after_stop(task, timed_out, retries=1) and task.attempts == 1
+    assert not retry_after_stop(task, timed_out, retries=1)
 
 
 def test_task_options_are_checked_at_once():
@@ -175,23 +186,43 @@ def _pool_size_kept(ex, workers=2):
         time.sleep(0.02)
 
 
+def limit_stops(ex, task):
+    """``task`` under a time limit ends with TaskTimeout within limit + grace + 1 s,
+    saying whether it was interrupted or killed; five other tasks finish meanwhile."""
+    started = time.monotonic()
+    limited = ex.options(timeout=LIMIT, grace=GRACE).submit(task)
+    others = [ex.submit(time.sleep, 0.05) for _ in range(5)]
+    with pytest.raises(farpool.TaskTimeout) as caught:
+        limited.result(timeout=30)
+    assert LIMIT <= time.monotonic() - started < LIMIT + GRACE + 1.0
+    assert f"({task.__name__}) ran past its time limit of 0.5 s" in str(caught.value)
+    if task is stubborn:
+        assert "killed with its worker after a grace of 1 s" in str(caught.value)
+    else:
+        assert "interrupted" in str(caught.value)
+    assert [f.result(timeout=30) for f in others] == [None] * 5
+
+
+def stop_ends(ex, future, task):
+    """``ex.stop`` ends a running ``future`` with TaskStopped (a CancelledError, not a
+    cancellation) within the grace + 1 s; a second stop finds nothing to stop."""
+    started = time.monotonic()
+    assert ex.stop(future, grace=GRACE) is True
+    with pytest.raises(farpool.TaskStopped) as caught:
+        future.result(timeout=30)
+    assert time.monotonic() - started < GRACE + 1.0
+    assert isinstance(caught.value, CancelledError)
+    assert not future.cancelled()  # it ran: stopped, not cancelled
+    if task is stubborn:
+        assert "its worker was killed after a grace of 1 s" in str(caught.value)
+    assert ex.stop(future) is False  # done: nothing to stop
+
+
 @pytest.mark.parametrize("task", HARD_TASKS, ids=lambda fn: fn.__name__)
 def test_a_time_limit_stops_every_kind_of_task(task):
     with farpool.Executor("processes", max_workers=2) as ex:
         _pool_size_kept(ex)
-        started = time.monotonic()
-        limited = ex.options(timeout=LIMIT, grace=GRACE).submit(task)
-        others = [ex.submit(time.sleep, 0.05) for _ in range(5)]
-        with pytest.raises(farpool.TaskTimeout) as caught:
-            limited.result(timeout=30)
-        took = time.monotonic() - started
-        assert LIMIT <= took < LIMIT + GRACE + 1.0
-        assert f"({task.__name__}) ran past its time limit of 0.5 s" in str(caught.value)
-        if task is stubborn:
-            assert "killed with its worker after a grace of 1 s" in str(caught.value)
-        else:
-            assert "interrupted" in str(caught.value)
-        assert [f.result(timeout=30) for f in others] == [None] * 5
+        limit_stops(ex, task)
         _pool_size_kept(ex)
 
 
@@ -205,16 +236,7 @@ def test_stop_ends_every_kind_of_running_task(task):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.2)  # inside the task
-        started = time.monotonic()
-        assert ex.stop(future, grace=GRACE) is True
-        with pytest.raises(farpool.TaskStopped) as caught:
-            future.result(timeout=30)
-        assert time.monotonic() - started < GRACE + 1.0
-        assert isinstance(caught.value, CancelledError)
-        assert not future.cancelled()  # it ran: stopped, not cancelled
-        if task is stubborn:
-            assert "its worker was killed after a grace of 1 s" in str(caught.value)
-        assert ex.stop(future) is False  # done: nothing to stop
+        stop_ends(ex, future, task)
         _pool_size_kept(ex)
 
 

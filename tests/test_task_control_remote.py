@@ -14,8 +14,15 @@ import pytest
 
 import farpool
 from remote_cluster import HEARTBEAT, wait_for_workers
-from test_remote import Cluster
-from test_task_control import GRACE, HARD_TASKS, LIMIT, pid, slow_the_first_time, stubborn
+from test_remote import one_host_cluster
+from test_task_control import (
+    HARD_TASKS,
+    LIMIT,
+    limit_stops,
+    pid,
+    slow_the_first_time,
+    stop_ends,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,14 +31,7 @@ pytestmark = pytest.mark.timeout(180)
 def daemons(key_dir, tmp_path_factory):
     """One scheduler and a worker host of 2 processes, shared by this module's tests:
     each test checks both processes are back before it starts."""
-    c = Cluster(tmp_path_factory.mktemp("task-control"))
-    try:
-        c.scheduler()
-        c.worker(name="stops")
-        wait_for_workers(c.address, 2)
-        yield c
-    finally:
-        c.stop()
+    yield from one_host_cluster(tmp_path_factory.mktemp("task-control"), "stops")
 
 
 @pytest.fixture
@@ -51,16 +51,7 @@ def _both_workers_serve(ex):
 
 @pytest.mark.parametrize("task", HARD_TASKS, ids=lambda fn: fn.__name__)
 def test_a_time_limit_stops_every_kind_of_task_on_the_daemons(ex, daemons, task):
-    started = time.monotonic()
-    limited = ex.options(timeout=LIMIT, grace=GRACE).submit(task)
-    others = [ex.submit(time.sleep, 0.05) for _ in range(5)]
-    with pytest.raises(farpool.TaskTimeout) as caught:
-        limited.result(timeout=30)
-    assert LIMIT <= time.monotonic() - started < LIMIT + GRACE + 1.0
-    assert f"({task.__name__}) ran past its time limit of 0.5 s" in str(caught.value)
-    if task is stubborn:
-        assert "killed with its worker after a grace of 1 s" in str(caught.value)
-    assert [f.result(timeout=30) for f in others] == [None] * 5
+    limit_stops(ex, task)
     wait_for_workers(daemons.address, 2)  # the host replaced a killed process
     _both_workers_serve(ex)
 
@@ -69,13 +60,7 @@ def test_a_time_limit_stops_every_kind_of_task_on_the_daemons(ex, daemons, task)
 def test_stop_ends_every_kind_of_running_task_on_the_daemons(ex, daemons, task):
     future = ex.submit(task)
     time.sleep(0.5)  # it runs (tcp futures stay pending until their result)
-    started = time.monotonic()
-    assert ex.stop(future, grace=GRACE) is True
-    with pytest.raises(farpool.TaskStopped) as caught:
-        future.result(timeout=30)
-    assert time.monotonic() - started < GRACE + 1.0
-    assert isinstance(caught.value, CancelledError)
-    assert ex.stop(future) is False
+    stop_ends(ex, future, task)
     wait_for_workers(daemons.address, 2)
     _both_workers_serve(ex)
 

@@ -28,7 +28,7 @@ from .backends import open_backend
 from .backends.base import ControlledBackend, LocalBackend
 from .dependencies import Pending, find_futures
 from .executor_control import TaskControlMethods
-from .task_control import TaskOptions
+from .task_control import OPTION_NAMES, TaskOptions
 
 __all__ = ["Executor", "ProcessPoolExecutor", "ThreadPoolExecutor", "DEFAULT_ADDRESS"]
 
@@ -321,15 +321,18 @@ class _OptionsView(Executor):
         self._shutdown_lock = root._shutdown_lock
         self._waiting = set()
         self._waiting_lock = threading.Lock()
-        self._submitted: weakref.WeakSet[Future] = weakref.WeakSet()
+        # Its own unfinished futures, for its shutdown (each leaves as it is done: the
+        # caller need not keep it, as with the stdlib's shutdown(wait=True)).
+        self._submitted: set[Future] = set()
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{name}={value!r}" for name in ("timeout", "retries", "grace")
-                         if (value := getattr(self._task_options, name)) is not None)
+        opts = ", ".join(f"{name}={value!r}" for name in OPTION_NAMES
+                         if (value := getattr(self._task_options, name)) not in (None, 0))
         return f"<options({opts}) of {self._root!r}>"
 
     def _track(self, future: Future) -> Future:
         self._submitted.add(future)
+        future.add_done_callback(self._submitted.discard)
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -412,8 +415,6 @@ class ProcessPoolExecutor(Executor, concurrent.futures.ProcessPoolExecutor):  # 
 
         return multiprocessing.get_context("spawn")
 
-    terminate_workers = Executor.terminate_workers
-    kill_workers = Executor.kill_workers
 
 
 class ThreadPoolExecutor(Executor, concurrent.futures.ThreadPoolExecutor):  # type: ignore[misc]

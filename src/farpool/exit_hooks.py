@@ -16,7 +16,7 @@ from typing import Protocol
 
 # Each loop is waited for at most this long at exit (its workers get their own grace).
 EXIT_JOIN_SECONDS = 20.0
-# After Ctrl-C: the grace running tasks get (pool.INTERRUPT_GRACE), and a little more.
+# After Ctrl-C: the grace running tasks get (task_control.INTERRUPT_GRACE), and a little more.
 INTERRUPTED_JOIN_SECONDS = 2.0
 
 

@@ -389,6 +389,7 @@ class PoolIO(PoolCallerSide, IOThread):
         # A retiring worker answered everything before its BYE: what it still held
         # (prefetched) never started, and goes back to the head, in order.
         self.dispatcher.requeue(self.dispatcher.remove_worker(worker_id))
+        self.control.lost(worker_id)  # nor is any of it being timed or stopped
 
     def dispatch(self) -> None:
         # Tasks cancelled while queued are taken back as they go out, and their place

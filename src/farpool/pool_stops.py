@@ -15,8 +15,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .dispatch import Task, WorkerSlot
-from .errors import TaskStopped, TaskTimeout
+from .errors import TaskStopped
 from .pool_caller import STOP_ALL
+from .task_control import retry_after_stop
 
 if TYPE_CHECKING:
     from collections import deque
@@ -61,8 +62,7 @@ class PoolStops:
     def end_stopped(self, task: Task, error: BaseException) -> None:
         """A task stopped by its time limit runs again while its retries allow;
         otherwise (and always after ``stop``) its future fails with ``error``."""
-        if isinstance(error, TaskTimeout) and task.attempts < self.retries_for(task):
-            task.attempts += 1
+        if retry_after_stop(task, error, self.retries_for(task)):
             self.dispatcher.requeue([task])
         else:
             self.sink.fail(task, error)

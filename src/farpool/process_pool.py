@@ -19,7 +19,6 @@ dies is seen by its pidfd even when a child it forked keeps its sockets open.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import signal
 import tempfile
@@ -41,9 +40,7 @@ from .pool_stops import PoolStops
 from .protocol import ByeReason, Kind, Status
 from .respawn import StartFailures
 from .spawn import WorkerProcess, describe_exit, free_rank, pickle_initializer, spawn_worker
-from .task_control import STOPPED, TaskOptions, outcome_of
-
-log = logging.getLogger("farpool.pool")
+from .task_control import TaskOptions, outcome_of, retries_after_loss
 
 
 class ProcessPool(LocalPool):
@@ -300,14 +297,8 @@ class ProcessPoolIO(PoolStops, PoolIO):
         without reporting; requeue the ones it never began, in their order."""
         how = describe_exit(code)
         watches = self.control.lost(proc.worker_id) if self.control else {}
-
-        def retries_for(task: Task) -> int:
-            watch = watches.get(task.task_id)
-            if watch is not None and watch.why == STOPPED:
-                return 0  # stop() means: do not run it again
-            return self.retries_for(task)
-
-        plan = plan_loss(held, proc.running_and_done(), retries_for)
+        plan = plan_loss(held, proc.running_and_done(),
+                         lambda task: retries_after_loss(watches, task, self.retries_for(task)))
         for task in plan.failed_running:
             stopped = outcome_of(watches.get(task.task_id), None, died=True)
             self.sink.fail(task, stopped or WorkerLost(

@@ -20,6 +20,7 @@ from .fncache import ClientFunctions
 from .liveness import heartbeat_limit
 from .protocol import ByeReason, Kind, PeerRole, Status
 from .status_report import printable
+from .task_control import retries_after_loss
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -94,7 +95,6 @@ class PeerUpkeep:
         def end_stopped(self, task: Task, error: BaseException, duration: float = 0.0
                         ) -> None: ...
         def stopped_loss(self, watches: dict[int, Watch], task: Task) -> BaseException | None: ...
-        def stop_means_no_retry(self, watches: dict[int, Watch], task: Task) -> bool: ...
 
     # -- peers leaving -------------------------------------------------------------
     def forget(self, peer: Peer, why: str, *, orderly: bool = False) -> None:
@@ -116,6 +116,7 @@ class PeerUpkeep:
         elif peer.role == PeerRole.WORKER:
             # A worker saying BYE answered all it ran: what it still held never started.
             self.dispatcher.requeue(self.dispatcher.remove_worker(peer.identity))
+            self.control.lost(peer.identity)  # nor is any of it being timed or stopped
             self.worker_fns.pop(peer.identity, None)
             owner = self.peers.get(peer.supervisor)
             if owner is not None:
@@ -149,10 +150,8 @@ class PeerUpkeep:
         ``watches``: its tasks under a time limit or being stopped (scheduler_stops)."""
         watches = watches or {}
 
-        def retries_for(task: Task) -> int:
-            return 0 if self.stop_means_no_retry(watches, task) else self.retries_for(task)
-
-        plan = plan_loss(held, record, retries_for)
+        plan = plan_loss(held, record,
+                         lambda task: retries_after_loss(watches, task, self.retries_for(task)))
         for task in plan.failed_running:
             stopped = self.stopped_loss(watches, task) if watches else None
             if stopped is not None:

@@ -23,7 +23,7 @@ from . import protocol
 from .dispatch import Task
 from .errors import TaskTimeout
 from .protocol import Kind, PeerRole, Status
-from .task_control import STOPPED, TaskControl, TaskOptions, Watch, outcome_of
+from .task_control import TaskControl, TaskOptions, Watch, outcome_of, retry_after_stop
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -63,9 +63,13 @@ class TaskStops:
             raise protocol.ProtocolError(f"STOP from a {peer.role}")
         ids, grace = msg.body
         wanted = {peer.tasks[t].task_id for t in ids if t in peer.tasks}
+        if not wanted:
+            return  # finished meanwhile, or never this client's: nothing to look for
         for task in self.dispatcher.cancel(identity, wanted):
             wanted.discard(task.task_id)
             self.route(task, Status.CANCELLED, [], 0.0)
+        if not wanted:
+            return
         now = time.monotonic()
         for worker_id, slot in self.dispatcher.workers.items():
             for task_id in [t for t in slot.held if t in wanted]:
@@ -96,8 +100,7 @@ class TaskStops:
         return True
 
     def end_stopped(self, task: Task, error: BaseException, duration: float = 0.0) -> None:
-        if isinstance(error, TaskTimeout) and task.attempts < self.retries_for(task):
-            task.attempts += 1
+        if retry_after_stop(task, error, self.retries_for(task)):
             self.dispatcher.requeue([task])
             return
         status = Status.TIMED_OUT if isinstance(error, TaskTimeout) else Status.STOPPED
@@ -106,8 +109,3 @@ class TaskStops:
     def stopped_loss(self, watches: dict[int, Watch], task: Task) -> BaseException | None:
         """What a dead worker's watched task ends with (None: an ordinary loss)."""
         return outcome_of(watches.get(task.task_id), None, died=True, who="")
-
-    @staticmethod
-    def stop_means_no_retry(watches: dict[int, Watch], task: Task) -> bool:
-        watch = watches.get(task.task_id)
-        return watch is not None and watch.why == STOPPED

@@ -24,8 +24,9 @@ from typing import Any
 
 from .errors import TaskStopped, TaskTimeout
 
-__all__ = ["DEFAULT_GRACE", "INTERRUPT_GRACE", "TaskControl", "TaskOptions", "Watch", "check_task_options",
-           "outcome_of"]
+__all__ = ["DEFAULT_GRACE", "INTERRUPT_GRACE", "OPTION_NAMES", "TaskControl", "TaskOptions",
+           "Watch", "check_task_options", "outcome_of", "retries_after_loss",
+           "retry_after_stop"]
 
 # Seconds a stopped task has between the soft stop and the kill, unless told.
 DEFAULT_GRACE = 3.0
@@ -100,7 +101,6 @@ class Watch:
 
     task: Any  # a dispatch.Task (its task_id, label and attempts are read)
     worker_id: bytes
-    started: float
     deadline: float = math.inf  # when its time limit runs out
     grace: float = DEFAULT_GRACE
     limit: float | None = None  # the time limit, for messages
@@ -120,9 +120,8 @@ class TaskControl:
 
     def began(self, task: Any, worker_id: bytes, limit: float, grace: float,
               now: float) -> None:
-        """``task`` went to a free slot of ``worker_id`` (so it runs at once) with a
-        time limit of ``limit`` seconds."""
-        self.watches[task.task_id] = Watch(task, worker_id, now, now + limit, grace, limit)
+        """``task``, with a time limit of ``limit`` seconds, began on ``worker_id``."""
+        self.watches[task.task_id] = Watch(task, worker_id, now + limit, grace, limit)
 
     def head_began(self, worker_id: bytes, held: dict[int, Any], slots: int, now: float
                    ) -> None:
@@ -144,10 +143,11 @@ class TaskControl:
         now (the caller sends it), the kill after ``grace``."""
         watch = self.watches.get(task.task_id)
         if watch is None:
-            watch = self.watches[task.task_id] = Watch(task, worker_id, now, grace=grace)
+            watch = self.watches[task.task_id] = Watch(task, worker_id, grace=grace)
         if watch.why is None or watch.why == TIMED_OUT:
             watch.why = STOPPED
-            watch.kill_at = min(watch.kill_at, now + grace)
+            if now + grace < watch.kill_at:
+                watch.kill_at, watch.grace = now + grace, grace  # the grace its message names
         watch.deadline = math.inf
         return watch
 
@@ -183,6 +183,22 @@ class TaskControl:
         for task_id in gone:
             del self.watches[task_id]
         return gone
+
+
+def retry_after_stop(task: Any, error: BaseException, retries: int) -> bool:
+    """Whether a task stopped with ``error`` runs again: after a time limit, while its
+    ``retries`` allow (counted in ``attempts``); after ``Executor.stop``, never."""
+    if isinstance(error, TaskTimeout) and task.attempts < retries:
+        task.attempts += 1
+        return True
+    return False
+
+
+def retries_after_loss(watches: dict[int, Watch], task: Any, retries: int) -> int:
+    """How often a dead worker's ``task`` may run again (``plan_loss``): none if it
+    was being stopped by ``Executor.stop``, else ``retries``."""
+    watch = watches.get(task.task_id)
+    return 0 if watch is not None and watch.why == STOPPED else retries
 
 
 def outcome_of(watch: Watch | None, ran: float | None, *, died: bool = False,
