@@ -128,10 +128,14 @@ class TaskControlMethods:
         for."""
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             root = self._root
-            root.shutdown(wait=False, cancel_futures=True)
             interrupt = getattr(root._backend, "interrupt", None)
             if interrupt is not None:
+                # First, before anything closes the backend: once closing, a remote
+                # client whose map's futures were all cancelled (the iterator cancels
+                # what it leaves) would exit before it sent the stop.
                 interrupt()
+            root.shutdown(wait=False, cancel_futures=True)
+            if interrupt is not None:
                 root._backend.shutdown(True, True)  # what runs is being stopped
             return False
         self.shutdown(wait=True)

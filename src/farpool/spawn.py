@@ -54,6 +54,7 @@ class WorkerProcess:
     # keeps it open for as long as it lives. -1 where the OS has no pidfd.
     pidfd: int = -1
     rank: int = 0  # its place among its pool's processes (worker_identity)
+    killed: bool = False  # killed on purpose (a stop's grace was over): no start failure
 
     @property
     def pid(self) -> int:

@@ -268,6 +268,7 @@ class Node:
         if kill and proc.running_and_done()[0] == task_id:
             log.info("killing worker process %s: task %s still runs after its grace",
                      proc.pid, task_id)
+            proc.killed = True
             proc.signal(signal.SIGKILL)
         else:  # the soft stop (or a kill for a task not begun: it skips it at its start)
             proc.interrupt(task_id)
@@ -308,7 +309,8 @@ class Node:
         proc.close()
         # A worker dying at once, again and again, is a broken environment: back off.
         now = time.monotonic()
-        respawn = self.start_failures.died(failed_start=quick_death(lived, code), now=now)
+        respawn = self.start_failures.died(failed_start=quick_death(lived, code) and not proc.killed,
+                                           now=now)
         if respawn.at > now:
             log.error("worker processes keep dying at start; next try in %.1f s",
                       respawn.at - now)

@@ -349,7 +349,8 @@ class _RemoteIO(IOThread):
                 if self.connect_error is not None:
                     return
                 if self.closing and (self.broken is not None or not self.ever_welcomed
-                                     or (not self.inbox and not self.unfinished)):
+                                     or (not self.inbox and not self.unfinished
+                                         and not self.stops)):
                     return
             # Sleep only after a pass that ended by checking for input (see above): the
             # HELLO sent before the first pass may have taken the socket's signal too.
