@@ -506,9 +506,13 @@ def info_of_worker():
 
 
 def _record_rank(path):
+    """Write this worker's rank to PATH/rank.PID whole (renamed into place: the test
+    reads it as soon as it is there)."""
     info = farpool.worker_info()
-    with open(os.path.join(path, f"{info.pid}"), "w") as f:
+    partial = os.path.join(path, f"partial.{info.pid}")
+    with open(partial, "w") as f:
         f.write(str(info.rank))
+    os.replace(partial, os.path.join(path, f"rank.{info.pid}"))
 
 
 def test_worker_info_gives_each_process_a_rank_its_replacement_inherits(tmp_path):
@@ -519,20 +523,20 @@ def test_worker_info_gives_each_process_a_rank_its_replacement_inherits(tmp_path
                           initargs=(str(tmp_path),)) as ex:
         infos = {f.result(timeout=30) for f in [ex.submit(info_of_worker) for _ in range(40)]}
         deadline = time.monotonic() + 30
-        while len(list(tmp_path.iterdir())) < 2:
+        while len(list(tmp_path.glob("rank.*"))) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["0", "1"]
+        assert sorted(p.read_text() for p in tmp_path.glob("rank.*")) == ["0", "1"]
         info = next(iter(infos))
         assert info.pid != os.getpid() and info.host and info.worker_id
         victim = ex.submit(os._exit, 1)
         with pytest.raises(farpool.WorkerLost):
             victim.result(timeout=30)
         deadline = time.monotonic() + 30
-        while len(list(tmp_path.iterdir())) < 3:  # the replacement's initializer ran
+        while len(list(tmp_path.glob("rank.*"))) < 3:  # the replacement's initializer ran
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert sorted(p.read_text() for p in tmp_path.iterdir()) in (["0", "0", "1"],
+        assert sorted(p.read_text() for p in tmp_path.glob("rank.*")) in (["0", "0", "1"],
                                                                        ["0", "1", "1"])
 
 
